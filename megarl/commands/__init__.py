@@ -1,0 +1,1 @@
+"""Subcommands of `megarl`; see megarl/cli.py for the contract each module follows."""
