@@ -12,7 +12,8 @@ Rules (docs/config.md has the full list):
 - YAML is read with YAML 1.2 core-schema scalars: only true/false are booleans ("on", "off",
   "yes", "no" stay strings) and 1e-6 is a float, not the string PyYAML's 1.1 rules give;
 - a key given twice in one mapping is an error (PyYAML silently keeps the last one);
-- ValueErrors raised by a config's ``__post_init__`` are re-raised with the dotted key prefixed.
+- ValueErrors raised by a config's ``__post_init__`` are re-raised with the dotted key prefixed
+  (the field's key when the message starts with a field name, as in "gamma must be in [0, 1]").
 
 Nothing here knows about trainers: any frozen dataclass tree works.
 """
@@ -264,7 +265,11 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
     try:
         return cls(**kwargs)
     except ValueError as exc:
-        raise ValueError(f"config key '{prefix or cls.__name__}': {exc}") from None
+        # A __post_init__ message that starts with a field name ("gamma must be ...") is about
+        # that field; anything else is about the whole section.
+        first = str(exc).split(" ", 1)[0]
+        where = _join(prefix, first) if first in fields else (prefix or cls.__name__)
+        raise ValueError(f"config key '{where}': {exc}") from None
 
 
 def _is_scalar(tp: Any) -> bool:

@@ -56,6 +56,21 @@ class Required:
     inner: Inner = field(default_factory=Inner)
 
 
+@dataclass(frozen=True)
+class Whole:
+    lo: int = 0
+    hi: int = 1
+
+    def __post_init__(self) -> None:
+        if self.lo > self.hi:
+            raise ValueError(f"empty range: lo {self.lo} > hi {self.hi}")  # about two fields
+
+
+@dataclass(frozen=True)
+class Nested:
+    pairs: tuple[Whole, ...] = ()
+
+
 def test_yaml_file_nested_and_typed(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
@@ -141,8 +156,12 @@ def test_type_errors_name_key_expected_and_value(data, pattern):
 
 
 def test_post_init_error_is_prefixed_with_key():
-    with pytest.raises(ValueError, match=r"config key 'inner': gamma must be in \[0, 1\], got 1\.5"):
+    with pytest.raises(ValueError, match=r"config key 'inner.gamma': gamma must be in \[0, 1\], got 1\.5"):
         load_config(Root, {"inner": {"gamma": 1.5}})
+    with pytest.raises(ValueError, match=r"config key 'Whole': empty range: lo 2 > hi 1"):
+        load_config(Whole, {"lo": 2, "hi": 1})
+    with pytest.raises(ValueError, match=r"config key 'pairs\[0\]': empty range"):
+        load_config(Nested, {"pairs": [{"lo": 2, "hi": 1}]})
     with pytest.raises(ValueError, match=r"config key 'path' is required \(str\)"):
         load_config(Required, {})
 
