@@ -125,12 +125,15 @@ def count_tokens_and_seqs(masks: Iterable[torch.Tensor], process_group: Any = No
     masks: the [B_i, T_i] response masks of this rank's micro-batches. A sequence counts when it
     has at least one response token (all-padding rows contribute nothing to any mode).
     """
-    local = torch.zeros(2, dtype=torch.int64)
+    local = None
     for mask in masks:
         m = mask.bool()
-        local[0] += int(m.sum())
-        local[1] += int(m.any(dim=-1).sum())
+        part = torch.stack([m.sum(), m.any(dim=-1).sum()]).to(torch.int64)
+        local = part if local is None else local + part
+    if local is None:
+        raise ValueError("count_tokens_and_seqs needs at least one response mask")
     if process_group is not None:
+        # on the masks' device: an NCCL group cannot reduce CPU tensors
         dist.all_reduce(local, op=dist.ReduceOp.SUM, group=process_group)
     return int(local[0]), int(local[1])
 

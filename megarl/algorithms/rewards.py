@@ -31,7 +31,8 @@ class FormatRewardConfig:
     style:
         "boxed"      a non-empty \\boxed{...} (or \\fbox{...}) with balanced braces anywhere
         "answer_is"  the response ends with "The answer is X" (optionally "final answer",
-                     optionally ":", an optional final "."), X non-empty and on that line
+                     optionally ":", an optional final "."), X non-empty, on that line, and
+                     without a sentence end (". ") inside
         "either"     one of the two
     present, absent: the reward for each case.
     """
@@ -124,7 +125,8 @@ class HapoConfig:
 class HapoHistory:
     """Per-prompt minimum length of the correct responses seen so far (+inf: none yet).
 
-    One float64 tensor indexed by prompt id (dataset index in [0, num_prompts)). Each rank
+    One float64 tensor indexed by prompt id (dataset index in [0, num_prompts)), on ``device``
+    (a CUDA device when the DP group is NCCL, which cannot reduce CPU tensors). Each rank
     updates it with its own responses; all_reduce_min merges the ranks (min is idempotent, so
     reducing after every update keeps every rank equal to the global history).
 
