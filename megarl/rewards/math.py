@@ -23,6 +23,7 @@ sympy is imported lazily so that importing this module stays cheap.
 
 from __future__ import annotations
 
+import cmath
 import math
 import random
 import re
@@ -75,9 +76,6 @@ class _TooComplex(Exception):
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 # `\\` (a line break) is one token so that `\\{` opens a group; `\{` and `\}` are literal braces.
 _BRACE_TOKEN_RE = re.compile(r"\\\\|\\[{}]|[{}]")
-_MINERVA_RE = re.compile(
-    r"final answer is[ \t]*(?P<ans>[^\n]{1,300}?)[ \t]*\.?[ \t]*I hope it is correct", re.IGNORECASE
-)
 _HASHES_RE = re.compile(r"^[ \t]*####[ \t]*(?P<ans>[^\n]*\S)", re.MULTILINE)
 _ANSWER_IS_RE = re.compile(
     r"\bthe\s+(?:final\s+)?answer\s+is\b[ \t]*:?|^[ \t]*(?:\*\*)?(?:final\s+)?answer(?:\*\*)?[ \t]*:(?:\*\*)?",
@@ -117,6 +115,26 @@ def _box_contents(text: str) -> tuple[int, str | None] | None:
             if depth == 0:
                 return last.start(), text[pos + 1 : tok.start()]
     return last.start(), None
+
+
+def _minerva_answer(text: str) -> tuple[int, str] | None:
+    """The Minerva form "The final answer is X. I hope it is correct." (its last occurrence).
+
+    Searched backwards from the last "I hope it is correct" instead of with one regex, which
+    would try every "final answer is" in a megabyte response against every length.
+    """
+    lowered = text.lower()
+    end = lowered.rfind("i hope it is correct")
+    if end < 0:
+        return None
+    window_start = max(0, end - 400)
+    start = lowered.rfind("final answer is", window_start, end)
+    if start < 0:
+        return None
+    ans = text[start + len("final answer is") : end]
+    if "\n" in ans.strip():
+        return None
+    return start, ans.strip().rstrip(".").strip()
 
 
 def _phrase_after(text: str, start: int) -> str | None:
@@ -163,11 +181,9 @@ def extract_answer(text: str, *, last_number_fallback: bool = False) -> str | No
     box = _box_contents(text)
     if box is not None:
         candidates.append(box)
-    minerva = None
-    for minerva in _MINERVA_RE.finditer(text):
-        pass
+    minerva = _minerva_answer(text)
     if minerva is not None:
-        candidates.append((minerva.start(), minerva.group("ans")))
+        candidates.append(minerva)
     hashes = None
     for hashes in _HASHES_RE.finditer(text):
         pass
@@ -585,9 +601,10 @@ def _log10_size(e, depth: int = 0) -> float:
         return size
     if isinstance(e, sympy.factorial):
         n = _log10_size(e.args[0], depth + 1)
-        if n > 5:
+        size = (10.0**n) * n
+        if size > MAX_LOG10:
             raise _TooComplex("factorial")
-        return (10.0**n) * n
+        return size
     if isinstance(e, sympy.Mul):
         total = sum(_log10_size(a, depth + 1) for a in e.args)
     else:
@@ -613,9 +630,10 @@ def _numeric(e):
     if v.has(sympy.nan, sympy.zoo, sympy.oo, -sympy.oo) or not v.is_number:
         return None
     try:
-        return complex(v)
-    except (TypeError, ValueError):
+        value = complex(v)
+    except (TypeError, ValueError, OverflowError):
         return None
+    return value if cmath.isfinite(value) else None
 
 
 def _has_float(e) -> bool:
