@@ -138,6 +138,8 @@ class HFEngine:
             input_ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
             attention_mask[i, width - len(p) :] = 1
         greedy = sampling.temperature == 0
+        # Greedy samples are all the same sequence: decode once, copy n times.
+        copies = sampling.n if greedy else 1
         # Built from scratch so the model's generation_config.json cannot add processors
         # (repetition penalty, default top_k=50, ...) that the caller did not ask for.
         config = GenerationConfig(
@@ -146,7 +148,7 @@ class HFEngine:
             temperature=None if greedy else sampling.temperature,
             top_k=sampling.top_k if sampling.top_k > 0 and not greedy else None,
             top_p=sampling.top_p if sampling.top_p < 1 and not greedy else None,
-            num_return_sequences=sampling.n,
+            num_return_sequences=1 if greedy else sampling.n,
             eos_token_id=list(self.eos_token_ids) or None,
             pad_token_id=self.pad_token_id,
             return_dict_in_generate=True,
@@ -177,15 +179,17 @@ class HFEngine:
                 logprobs = [
                     torch.log_softmax(steps[t][row].float(), dim=-1)[tok].item() for t, tok in enumerate(ids)
                 ]
-            completions.append(
-                Completion(
-                    prompt_index=offset + row // sampling.n,
-                    token_ids=ids,
-                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
-                    logprobs=logprobs,
-                    finish_reason=finish,
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            for _ in range(copies):
+                completions.append(
+                    Completion(
+                        prompt_index=offset + row // (sampling.n // copies),
+                        token_ids=list(ids),
+                        text=text,
+                        logprobs=list(logprobs) if logprobs is not None else None,
+                        finish_reason=finish,
+                    )
                 )
-            )
         return completions
 
     def _trim(self, ids: list[int], sampling: SamplingParams) -> tuple[list[int], str]:

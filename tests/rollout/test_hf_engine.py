@@ -67,6 +67,9 @@ def test_batched_greedy_equals_one_at_a_time(tmp_path, arch):
     alone = [engine.generate([p], sampling)[0] for p in prompts]
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
     assert [c.prompt_index for c in together] == [0, 1, 2]
+    twice = engine.generate(prompts, SamplingParams(n=2, temperature=0, max_new_tokens=12))
+    assert [c.prompt_index for c in twice] == [0, 0, 1, 1, 2, 2]
+    assert [c.token_ids for c in twice] == [c.token_ids for c in together for _ in range(2)]
     for c, p in zip(together, prompts):
         assert c.finish_reason == "length" and len(c.token_ids) == 12
         # Greedy log-probs are the model's own distribution at each generated position.
