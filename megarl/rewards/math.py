@@ -670,20 +670,46 @@ def _sympy_equal(pred, ref) -> bool:
     return _expressions_identical(pred, ref)
 
 
-def _expressions_identical(a, b) -> bool:
-    """Symbolic identity a == b, with a cheap numeric refutation before simplify."""
+def _sample_values(a, b, wanted: int = 4, tries: int = 8) -> list[tuple[complex, complex]]:
+    """Values of a and b at random rational points of mixed sign where both are defined."""
     import sympy
 
     symbols = sorted(a.free_symbols | b.free_symbols, key=lambda s: s.name)
     rng = random.Random(0)
-    for _ in range(3):
-        point = {s: sympy.Rational(rng.randint(11, 97), rng.randint(7, 31)) for s in symbols}
+    pairs = []
+    for k in range(tries):
+        # The first point is all positive and the second all negative, so that branch-cut
+        # differences (sqrt(x^2) vs x, log(x^2) vs 2 log x) show up.
+        signs = [1 if k == 0 else -1 if k == 1 else rng.choice((-1, 1)) for _ in symbols]
+        point = {s: sympy.Rational(sign * rng.randint(11, 97), rng.randint(7, 31)) for s, sign in zip(symbols, signs)}
         try:
             va, vb = _numeric(a.subs(point)), _numeric(b.subs(point))
         except Exception:
-            va = vb = None
-        if va is not None and vb is not None and not _values_close(va, vb, 1e-9):
-            return False
+            continue
+        if va is not None and vb is not None:
+            pairs.append((va, vb))
+            if len(pairs) >= wanted:
+                break
+    return pairs
+
+
+def _expressions_identical(a, b) -> bool:
+    """Symbolic identity a == b.
+
+    Decided numerically when both sides are defined at 4 random points of mixed sign (relative
+    agreement 1e-9 at 30 digits; 1e-4 when a decimal was written): a false "equal" needs two
+    different expressions to agree at four random points, while sympy.simplify can run for
+    minutes on a correct answer such as sin(x)^200 cos(x)^200 = sin(2x)^200 / 2^200. Only
+    where the sides are undefined at most points (poles, unknown functions) does simplify decide.
+    """
+    import sympy
+
+    tol = DECIMAL_REL_TOL if (_has_float(a) or _has_float(b)) else 1e-9
+    values = _sample_values(a, b)
+    if any(not _values_close(va, vb, tol) for va, vb in values):
+        return False
+    if len(values) >= 4:
+        return True
     try:
         diff = sympy.simplify(a - b)
     except Exception:
@@ -696,9 +722,23 @@ def _expressions_identical(a, b) -> bool:
         return False
 
 
+def _proportional(a, b) -> bool:
+    """a == c * b for a constant c != 0, decided like _expressions_identical."""
+    values = _sample_values(a, b)
+    if len(values) >= 4 and all(vb != 0 for _, vb in values):
+        ratios = [va / vb for va, vb in values]
+        return ratios[0] != 0 and all(_values_close(r, ratios[0], 1e-9) for r in ratios)
+    import sympy
+
+    try:
+        ratio = sympy.simplify(a / b)
+    except Exception:
+        return False
+    return bool(ratio.is_number and ratio != 0)
+
+
 def _relations_equal(pred, ref) -> bool:
     """Same relation up to moving terms across, scaling by a constant, or flipping sides."""
-    import sympy
     from sympy.core.relational import Relational
 
     if not (isinstance(pred, Relational) and isinstance(ref, Relational)):
@@ -706,25 +746,21 @@ def _relations_equal(pred, ref) -> bool:
     flips = {"<": ">", ">": "<", "<=": ">=", ">=": "<=", "==": "==", "!=": "!="}
     dp = pred.lhs - pred.rhs
     dr = ref.lhs - ref.rhs
-    if pred.rel_op == ref.rel_op:
-        same_sign_ok = True
-    elif flips.get(pred.rel_op) == ref.rel_op:
+    if flips.get(pred.rel_op) == ref.rel_op and pred.rel_op != ref.rel_op:
         dp = -dp
-        same_sign_ok = True
-    else:
-        return False
-    if not same_sign_ok:
+    elif pred.rel_op != ref.rel_op:
         return False
     if _expressions_identical(dp, dr):
         return True
-    try:
-        ratio = sympy.simplify(dp / dr)
-    except Exception:
-        return False
-    if not (ratio.is_number and ratio != 0):
-        return False
-    # Inequalities survive only positive scaling; equations any nonzero one.
-    return pred.rel_op in ("==", "!=") or bool(ratio.is_positive)
+    if pred.rel_op in ("==", "!="):
+        return _proportional(dp, dr)
+    # Inequalities survive only positive scaling.
+    return _proportional(dp, dr) and _positive_ratio(dp, dr)
+
+
+def _positive_ratio(a, b) -> bool:
+    values = _sample_values(a, b)
+    return bool(values) and all(vb != 0 and (va / vb).real > 0 for va, vb in values)
 
 
 # --------------------------------------------------------------------------------------------
@@ -831,11 +867,28 @@ def _unordered_equal(pred: list[str], ref: list[str], depth: int) -> bool:
     return True
 
 
+_HAS_PERCENT_RE = re.compile(r"%|\\text\{\s*percent\s*\}|\bpercent\b")
+
+
 def _compare(pred: str, ref: str) -> bool:
     """is_equiv that lets _TooComplex through, so grade() can report it."""
     if len(pred) > MAX_ANSWER_CHARS or len(ref) > MAX_ANSWER_CHARS:
         raise _TooComplex("length")
-    return _equiv(_normalize(pred), _normalize(ref), 0)
+    npred, nref = _normalize(pred), _normalize(ref)
+    if _equiv(npred, nref, 0):
+        return True
+    # Percent signs are dropped ("50\%" = "50", as MATH references often omit them); when
+    # exactly one side wrote one, the fraction it stands for counts too ("50\%" = "0.5").
+    pct_pred, pct_ref = bool(_HAS_PERCENT_RE.search(pred)), bool(_HAS_PERCENT_RE.search(ref))
+    if pct_pred != pct_ref:
+        a, b = _as_number(npred), _as_number(nref)
+        if a is not None and b is not None:
+            if pct_pred:
+                a = _Num(a.value / 100, a.decimal)
+            else:
+                b = _Num(b.value / 100, b.decimal)
+            return _numbers_equal(a, b)
+    return False
 
 
 def is_equiv(pred: str, ref: str) -> bool:
