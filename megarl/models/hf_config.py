@@ -417,4 +417,8 @@ def transformer_config(spec: ArchSpec, layout, dtype: Any = torch.float32, **ove
         batch_p2p_sync=on_cuda,
     )
     kwargs.update(overrides)
+    if kwargs.get("variable_seq_lengths") and "moe_token_dispatcher_type" not in overrides:
+        # megatron-core 0.16.1 rejects variable_seq_lengths with the default MoE dispatcher
+        # ("allgather") even for dense models; the dispatcher is unused without experts.
+        kwargs["moe_token_dispatcher_type"] = "alltoall"
     return TransformerConfig(**kwargs)
