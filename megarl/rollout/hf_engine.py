@@ -146,7 +146,8 @@ class HFEngine:
             max_new_tokens=sampling.max_new_tokens,
             do_sample=not greedy,
             temperature=None if greedy else sampling.temperature,
-            top_k=sampling.top_k if sampling.top_k > 0 and not greedy else None,
+            # top_k=None would let transformers apply its default top_k=50; 0 disables it
+            top_k=None if greedy else max(sampling.top_k, 0),
             top_p=sampling.top_p if sampling.top_p < 1 and not greedy else None,
             num_return_sequences=1 if greedy else sampling.n,
             eos_token_id=list(self.eos_token_ids) or None,
