@@ -119,6 +119,10 @@ def test_chat_templates_use_the_model_template():
     text = get_template("chat").render(arith, tok)
     assert text.endswith(f"<|im_start|>user\n{arith.problem}<|im_end|>\n<|im_start|>assistant\n")
     assert "You are a helpful AI assistant named SmolLM" in text  # the model's default system prompt
+    # data/README.md's reference run: every arith prompt is 56 tokens with this template.
+    lengths = {len(tok(get_template("chat").render(r, tok), add_special_tokens=False)["input_ids"])
+               for r in load_benchmark("arith_test", limit=20)}
+    assert lengths == {56}
     dsr = load_benchmark("dsr_sub", limit=1)[0]
     rlvr = get_template("one-shot-rlvr").render(dsr, tok)
     assert f"{dsr.problem}{ONE_SHOT_RLVR_SUFFIX}<|im_end|>" in rlvr
