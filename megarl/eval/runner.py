@@ -178,7 +178,7 @@ def run_eval(
                 fn = grade_last_integer if settings.grader == "last_integer" else None
                 pools[settings.grader] = GraderPool(config.grader, grade_fn=fn)
             log(f"[eval] {name}: {dataclasses.asdict(settings)}")
-            summary, rows = _run_benchmark(engine, tokenizer, name, settings, config, pools[settings.grader], scorer)
+            summary, rows = _run_benchmark(engine, tokenizer, name, settings, config, pools[settings.grader], scorer, log)
             results["benchmarks"][name] = summary
             samples.extend(rows)
             log(f"[eval] {name}: {summary['primary_metric']} = {summary['score']:.4f} "
@@ -195,7 +195,7 @@ def run_eval(
     return results, samples
 
 
-def _run_benchmark(engine, tokenizer, name, settings, config, pool, scorer) -> tuple[dict, list[dict]]:
+def _run_benchmark(engine, tokenizer, name, settings, config, pool, scorer, log) -> tuple[dict, list[dict]]:
     start = time.monotonic()
     records = load_benchmark(name, limit=config.limit)
     template = get_template(settings.template)
@@ -225,6 +225,7 @@ def _run_benchmark(engine, tokenizer, name, settings, config, pool, scorer) -> t
             return out
 
         flat = [p for p in prompts for _ in range(n)]
+        log(f"[eval] {name}: tool-integrated generation for {len(flat)} trajectories")
         traces = run_tir_batch(flat, generate, config.tir)
         for j, trace in enumerate(traces):
             responses[j // n].append(trace.text)
@@ -235,6 +236,7 @@ def _run_benchmark(engine, tokenizer, name, settings, config, pool, scorer) -> t
             params = dataclasses.replace(sampling, seed=config.seed + calls)
             calls += 1
             batch = [encode(p) for p in prompts[i : i + config.batch_size]]
+            log(f"[eval] {name}: generating {i + len(batch)}/{len(prompts)} prompts x {n}")
             for c in engine.generate(batch, params):
                 p = i + c.prompt_index
                 responses[p].append(c.text)
