@@ -459,9 +459,9 @@ def _contain(spec: dict, layers: dict) -> None:
     drop_uid = is_root and spec["isolation"] != "none"
     if namespaces:
         if drop_uid:
-            # The new uid cannot traverse 0700 directories such as /root, where the interpreter
-            # may live: show just the paths Python needs, through tmpfs + bind mounts.
-            layers["exposed"] = _expose_python_paths(libc)
+            # The new uid cannot search 0700 directories such as /root, where the interpreter
+            # may live (or pytest's temporary root): show just the paths the run needs.
+            layers["exposed"] = _expose_paths(libc, _python_paths() + [workdir])
         failed = _remount_all_readonly(libc)
         layers["readonly_mounts"] = "all" if not failed else f"all but {failed}"
         if failed and strict:
@@ -591,11 +591,13 @@ def _readable_by_others(paths: list[str]) -> bool:
     return all(_blocked_ancestor(p) is None for p in paths)
 
 
-def _expose_python_paths(libc) -> list[str]:
+def _expose_paths(libc, paths: list[str]) -> list[str]:
+    """Make `paths` reachable for any uid: over each directory on the way that others cannot
+    search, mount a tmpfs holding bind mounts of just the entries on those paths."""
     exposed = []
-    for _ in range(8):
+    for _ in range(16):
         blocked: dict[str, set[str]] = {}
-        for p in _python_paths():
+        for p in paths:
             hit = _blocked_ancestor(p)
             if hit:
                 blocked.setdefault(hit[0], set()).add(hit[1])
@@ -613,7 +615,7 @@ def _expose_python_paths(libc) -> list[str]:
                 _mount(libc, f"/proc/self/fd/{fd}", target, None, _MS_BIND | _MS_REC)
                 os.close(fd)
                 exposed.append(target)
-    raise _SetupError(f"could not expose the interpreter's paths: {_python_paths()}")
+    raise _SetupError(f"could not make these paths reachable: {paths}")
 
 
 def _count_processes(uid: int) -> int:

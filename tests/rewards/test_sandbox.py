@@ -39,8 +39,10 @@ def test_output_exit_code_and_last_expression(tmp_path):
     r = run_python("import sys; sys.exit(3)", FAST)
     assert (r.reason, r.exit_code) == ("error", 3)
     # The working directory is private, writable, and gone afterwards.
-    r = run_python("open('a.txt', 'w').write('hi'); import os; print(os.listdir('.'))", SandboxConfig(work_root=str(tmp_path)))
-    assert r.reason == "ok" and r.stdout == "['a.txt']\n"
+    # tmp_path sits under pytest's 0700 directory: absolute paths into the workdir still work.
+    code = "import os\nopen('a.txt', 'w').write('hi')\nopen(os.path.join(os.getcwd(), 'b'), 'w').close()\nprint(sorted(os.listdir('.')))"
+    r = run_python(code, SandboxConfig(work_root=str(tmp_path)))
+    assert r.reason == "ok" and r.stdout == "['a.txt', 'b']\n", r.stderr
     assert list(tmp_path.iterdir()) == []
 
 
