@@ -80,25 +80,33 @@ class _CpuDeviceMode(TorchFunctionMode):
     """Rewrites CUDA device requests to the CPU for every torch call in this thread."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs) if kwargs else {}
-        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-            kwargs["device"] = "cpu"
-        if kwargs.get("pin_memory"):
-            kwargs["pin_memory"] = False
-        if func is torch.Tensor.cuda:
-            # Tensor.cuda(device=None, non_blocking=False): a CPU tensor stays where it is.
-            return args[0]
-        if func is torch.Tensor.pin_memory:
-            return args[0]
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], "cpu", *args[2:])
-        if func is torch.Tensor.type:
-            if len(args) == 1 and not kwargs:
-                name = func(*args)
-                return _CPU_TYPE_TO_CUDA.get(name, name)
-            if len(args) > 1 and isinstance(args[1], str) and args[1].startswith("torch.cuda."):
-                args = (args[0], "torch." + args[1][len("torch.cuda.") :], *args[2:])
+        # Runs for every torch call: keep the common path (nothing to rewrite) short.
+        if kwargs:
+            device = kwargs.get("device")
+            if (device is not None and _is_cuda_device(device)) or kwargs.get("pin_memory"):
+                kwargs = dict(kwargs)
+                if device is not None and _is_cuda_device(device):
+                    kwargs["device"] = "cpu"
+                if kwargs.get("pin_memory"):
+                    kwargs["pin_memory"] = False
+        else:
+            kwargs = {}
+        if func in _TENSOR_METHODS:
+            if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
+                return args[0]  # a CPU tensor stays where it is
+            if func is torch.Tensor.to:
+                if len(args) > 1 and _is_cuda_device(args[1]):
+                    args = (args[0], "cpu", *args[2:])
+            elif func is torch.Tensor.type:
+                if len(args) == 1 and not kwargs:
+                    name = func(*args)
+                    return _CPU_TYPE_TO_CUDA.get(name, name)
+                if len(args) > 1 and isinstance(args[1], str) and args[1].startswith("torch.cuda."):
+                    args = (args[0], "torch." + args[1][len("torch.cuda.") :], *args[2:])
         return func(*args, **kwargs)
+
+
+_TENSOR_METHODS = frozenset({torch.Tensor.cuda, torch.Tensor.pin_memory, torch.Tensor.to, torch.Tensor.type})
 
 
 def cpu_device_mode() -> _CpuDeviceMode:

@@ -7,8 +7,10 @@ For each layout (re-initialising megatron's parallel state between layouts) and 
 builds the megatron chunks, loads the HF weights through megarl.models.mappings, runs a
 forward-only pipeline schedule and compares the last stage's logits with transformers' (float32,
 eager attention) on the same tokens. It also exports every megatron shard back to HF names
-(mcore_to_hf) and checks the round trip is exact, and that megatron's layer numbering equals
-mappings.global_layer. Rank 0 writes all measurements to OUT.json; the test asserts on them.
+(mcore_to_hf) and checks the round trip is exact, checks that megatron's layer numbering equals
+mappings.global_layer, and for the value model runs a backward through the pipeline schedule
+and compares the exported gradients with transformers'. Rank 0 writes all measurements to
+OUT.json; the test asserts on them.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ LAYOUTS = [
     ParallelLayout(tp=2, pp=2, sequence_parallel=True),
 ]
 SEQ = 12
+TOLERANCE = 1e-4
 NUM_MB, MBS = 2, 2  # interleaved pipelining wants microbatches divisible by pp
 
 
@@ -145,6 +148,61 @@ def pipeline_forward(chunks, groups, ids_MBS: torch.Tensor) -> torch.Tensor | No
     return torch.cat(parts, dim=-1)
 
 
+def value_loss_weights(shape) -> torch.Tensor:
+    """Fixed per-token weights W: loss = sum(values * W) / num_microbatches."""
+    return torch.linspace(-0.5, 1.0, shape[0] * shape[1]).reshape(shape)
+
+
+def grad_errors(chunks, groups, spec, layout, hf_model, ids_MBS: torch.Tensor) -> tuple[int, list[str]]:
+    """Backward through the pipeline schedule for a value model; the gradients, exported with
+    mcore_to_hf, must equal transformers' for the same loss. Under sequence parallelism the
+    norm weights (flagged `sequence_parallel`) get megatron's TP all-reduce, as
+    finalize_model_grads would do."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    num_mb, mbs, seq = ids_MBS.shape
+    weights = value_loss_weights((num_mb * mbs, seq))
+    batches = [(ids_MBS[i], weights[i * mbs : (i + 1) * mbs]) for i in range(num_mb)]
+
+    def step(data_iter, model):
+        ids, w = next(data_iter)
+        pos = torch.arange(seq).unsqueeze(0).expand_as(ids)
+        out = model(ids, pos, None)
+        return out, lambda output: ((output.squeeze(-1) * w).sum(), {})
+
+    for c in chunks:
+        c.zero_grad(set_to_none=True)
+    data = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
+    get_forward_backward_func()(
+        forward_step_func=step, data_iterator=data, model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=num_mb, seq_length=seq, micro_batch_size=mbs, forward_only=False,
+    )
+    hf_model.zero_grad(set_to_none=True)
+    out = hf_model(ids_MBS.reshape(-1, seq)).logits.squeeze(-1)
+    ((out * weights).sum() / num_mb).backward()
+    hf_grads = {n: p.grad for n, p in hf_model.named_parameters()}
+    compared, bad = 0, []
+    for c in chunks:
+        vp = c.vp_stage or 0
+        for local, p in c.named_parameters():
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            if layout.sequence_parallel and getattr(p, "sequence_parallel", False):
+                dist.all_reduce(g, group=groups.tp_group)
+            shards = [torch.empty_like(g) for _ in range(layout.tp)]
+            if layout.tp > 1:
+                dist.all_gather(shards, g.contiguous(), group=groups.tp_group)
+            else:
+                shards = [g]
+            name = to_global_name(spec, layout, groups.pp_rank, vp, local)
+            for hf_name, t in mcore_to_hf(spec, name, shards, "value"):
+                compared += 1
+                want = hf_grads[hf_name]
+                err = (t - want).abs().max().item()
+                if err > TOLERANCE * want.abs().max().item() + 1e-7:
+                    bad.append(f"{hf_name}: grad max diff {err:.3g} vs max {want.abs().max().item():.3g}")
+    return compared, bad
+
+
 def roundtrip(chunks, groups, spec, layout, hf_state, head) -> tuple[int, list[str], list[str]]:
     """Export this rank's shards to HF names; (tensors compared, mismatches, HF names covered)."""
     compared, bad, covered = 0, [], []
@@ -199,7 +257,8 @@ def main() -> int:
         with torch.no_grad():
             ref = ref_fn(ids.reshape(-1, SEQ))
         models.append(dict(name=name, spec=arch_spec(cfg), head=head, state=state, ref=ref, ids=ids,
-                           tensors=lambda state=state: state.items()))
+                           tensors=lambda state=state: state.items(),
+                           hf=model if name == "qwen2-value" else None))
 
     if with_smollm2:
         from megarl.models.packaged import smollm2_hf_dir
@@ -272,6 +331,8 @@ def main() -> int:
             if m.get("state") is not None:
                 compared, bad, covered = roundtrip(chunks, groups, spec, layout, m["state"], head)
                 rec["roundtrip_compared"], rec["roundtrip_errors"], rec["covered"] = compared, bad, sorted(set(covered))
+            if m.get("hf") is not None:
+                rec["grad_compared"], rec["grad_errors"] = grad_errors(chunks, groups, spec, layout, m["hf"], m["ids"])
             rec["seconds"] = round(time.time() - t1, 3)
             records.append(rec)
             del chunks

@@ -1,4 +1,5 @@
-"""Logits parity with transformers at TP/PP in {1,2}x{1,2}, VPP 2 and sequence parallelism.
+"""Logits parity with transformers at TP/PP in {1,2}x{1,2}, VPP 2 and sequence parallelism
+(plus gradient parity for the value model and an exact HF export round trip).
 
 One 4-rank torchrun launch (tests/models/parity_script.py) measures everything; the tests
 below only read its JSON. Tolerance (the issue's): max |megatron - HF| <= 1e-4 * max |HF|.
@@ -90,6 +91,10 @@ def test_tiny_model_parity(parity, model, layout):
         if "pad_logits_are_min" in r:
             # vocab 1000/1100 is padded: the padded logits must carry no probability
             assert r["pad_logits_are_min"] and r["pad_prob_max"] == 0.0, r
+    if model == "qwen2-value":
+        # backward through the pipeline schedule: gradients equal transformers' (SP included)
+        for r in recs:
+            assert r["grad_compared"] > 0 and not r["grad_errors"], r["grad_errors"]
     # every HF tensor was exported back (mcore_to_hf) exactly by some rank
     covered = set().union(*(r["covered"] for r in recs))
     assert covered == set(parity["expected_hf_names"][model])
