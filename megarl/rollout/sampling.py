@@ -1,0 +1,183 @@
+"""Batched next-token sampling as pure tensor functions: temperature, top-k, top-p, greedy, and
+the log-prob of the chosen token, on full-vocabulary logits or on tensor-parallel vocab shards.
+
+One draw per row: a uniform u in [0, 1) per row (from a seeded torch.Generator, drawn by the
+caller) picks the token by inverting the CDF of the (filtered) sampling distribution. The same
+u gives the same token whether the vocabulary is whole or split over TP ranks (up to float32
+rounding at a CDF boundary), so a seeded run does not depend on the parallel layout.
+
+Conventions (shared by every function here):
+  * temperature == 0 is greedy: argmax, the lowest token id on ties (torch.argmax);
+  * filters apply to z = logits / temperature: top-k keeps the k largest z (top_k <= 0: off),
+    then top-p keeps the smallest prefix of the probability-sorted tokens whose mass reaches
+    top_p (always at least one token; top_p >= 1: off), as vLLM orders them;
+  * the returned log-prob is log softmax(z)[token] on the UNFILTERED distribution at the
+    temperature (temperature 1 for greedy): what the trainer recomputes from its own logits
+    (vLLM's default "raw" log-probs). Filtering only decides which tokens can be drawn;
+  * a logit of the dtype's lowest value or -inf (padded vocabulary rows) has probability 0.
+
+Shapes: logits [B, V] (or a shard [B, V_local] holding global ids [vocab_start,
+vocab_start + V_local)), u [B] float -> tokens [B] int64 (global ids), logprobs [B] float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SAMPLING_METHODS = ("gather", "gather_free")
+
+
+def _as_float(logits: torch.Tensor) -> torch.Tensor:
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+def scaled_logits(logits_BV: torch.Tensor, temperature: float) -> torch.Tensor:
+    """z = logits / temperature in float32 (temperature 0 -> 1: greedy log-probs are raw)."""
+    z = _as_float(logits_BV)
+    if temperature not in (0.0, 1.0):
+        z = z / temperature
+    return z
+
+
+def top_k_top_p_mask(z_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor | None:
+    """Boolean [B, V]: True where a token is filtered OUT; None when no filter is active."""
+    vocab = z_BV.shape[-1]
+    use_k = 0 < top_k < vocab
+    use_p = top_p < 1.0
+    if not use_k and not use_p:
+        return None
+    if use_k and not use_p:
+        kth = torch.topk(z_BV, top_k, dim=-1).values[:, -1:]
+        return z_BV < kth
+    if use_k:
+        vals, idx = torch.topk(z_BV, top_k, dim=-1)  # sorted descending
+    else:
+        vals, idx = torch.sort(z_BV, dim=-1, descending=True)
+    probs = torch.softmax(vals, dim=-1)
+    # mass strictly before each token < top_p: the first token is always kept
+    keep_sorted = (torch.cumsum(probs, dim=-1) - probs) < top_p
+    removed = torch.ones_like(z_BV, dtype=torch.bool)
+    removed.scatter_(-1, idx, ~keep_sorted)
+    return removed
+
+
+def _inverse_cdf(weights_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
+    """Index drawn from unnormalised non-negative weights with one uniform per row."""
+    cdf = torch.cumsum(weights_BV, dim=-1)
+    total = cdf[:, -1:]
+    # u * total rounds up to total for u close to 1: stay strictly below it
+    target = torch.minimum(u_B.to(cdf.dtype).unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    idx = torch.searchsorted(cdf, target, right=True)
+    return idx.squeeze(-1).clamp_(max=weights_BV.shape[-1] - 1)
+
+
+def sample(logits_BV: torch.Tensor, u_B: torch.Tensor, temperature: float, top_k: int = 0,
+           top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [B] and their log-probs [B] from full-vocabulary logits [B, V] (see module doc)."""
+    z = scaled_logits(logits_BV, temperature)
+    lse = torch.logsumexp(z, dim=-1)
+    if temperature == 0.0:
+        tokens = torch.argmax(z, dim=-1)
+    else:
+        removed = top_k_top_p_mask(z, top_k, top_p)
+        # exp(z - max) with the row max: the weights of the draw (filtered) need no normaliser
+        weights = torch.exp(z - z.max(dim=-1, keepdim=True).values)
+        if removed is not None:
+            weights = weights.masked_fill(removed, 0.0)
+        tokens = _inverse_cdf(weights, u_B)
+    logprobs = z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
+    return tokens, logprobs.float()
+
+
+def _gather_rows(x_BK: torch.Tensor, group) -> torch.Tensor:
+    """All-gather [B, K] per rank -> [world, B, K] in rank order."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    out = torch.empty((world * x_BK.shape[0], *x_BK.shape[1:]), dtype=x_BK.dtype, device=x_BK.device)
+    dist.all_gather_into_tensor(out, x_BK.contiguous(), group=group)
+    return out.view(world, *x_BK.shape)
+
+
+def _combine_lse(m_WB: torch.Tensor, s_WB: torch.Tensor) -> torch.Tensor:
+    """Global logsumexp from per-shard (max m, sum exp(z - m)) pairs [W, B] -> [B]."""
+    big = m_WB.max(dim=0).values
+    return big + torch.log((s_WB * torch.exp(m_WB - big)).sum(dim=0))
+
+
+def sample_vocab_parallel(logits_BV: torch.Tensor, u_B: torch.Tensor, temperature: float,
+                          top_k: int, top_p: float, tp_group, method: str = "gather_free"
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample` on vocabulary shards: each TP rank passes its [B, V_local] slice (rank order =
+    vocab order), all ranks get the same tokens (global ids) and log-probs.
+
+    method="gather": all-gather the shards and call `sample` (B x V_global floats per rank).
+    method="gather_free": exchange per-row statistics only (O(B x world) floats, O(B x k x
+    world) with top-k); top-p without top-k needs every probability and falls back to "gather".
+    Both draw with the same u and agree up to float rounding at a CDF boundary.
+    """
+    import torch.distributed as dist
+
+    if method not in SAMPLING_METHODS:
+        raise ValueError(f"sampling method must be one of {SAMPLING_METHODS}, got {method!r}")
+    world = 1 if tp_group is None else dist.get_world_size(tp_group)
+    if world == 1:
+        return sample(logits_BV, u_B, temperature, top_k, top_p)
+    rank = dist.get_rank(tp_group)
+    batch, v_local = logits_BV.shape
+    if method == "gather" or (top_p < 1.0 and top_k <= 0):
+        full = _gather_rows(logits_BV, tp_group)  # [W, B, V_local]
+        return sample(full.permute(1, 0, 2).reshape(batch, world * v_local), u_B, temperature, top_k, top_p)
+
+    z = scaled_logits(logits_BV, temperature)
+    start = rank * v_local
+    m = z.max(dim=-1).values  # [B]
+    e = torch.exp(z - m.unsqueeze(-1))
+    if temperature == 0.0:
+        arg = torch.argmax(z, dim=-1)
+        stats = _gather_rows(torch.stack([m, e.sum(-1), (arg + start).to(z.dtype)], dim=-1), tp_group)
+        lse = _combine_lse(stats[..., 0], stats[..., 1])
+        best = torch.argmax(stats[..., 0], dim=0)  # first rank with the max = lowest id on ties
+        rows = torch.arange(batch, device=z.device)
+        tokens = stats[best, rows, 2].long()
+        return tokens, (stats[best, rows, 0] - lse).float()
+
+    if top_k > 0:
+        k = min(top_k, v_local)
+        vals, idx = torch.topk(z, k, dim=-1)
+        stats = _gather_rows(torch.cat([m[:, None], e.sum(-1, keepdim=True), vals,
+                                        (idx + start).to(z.dtype)], dim=-1), tp_group)  # [W, B, 2+2k]
+        lse = _combine_lse(stats[..., 0], stats[..., 1])
+        cand_z = stats[..., 2:2 + k].permute(1, 0, 2).reshape(batch, world * k)
+        cand_id = stats[..., 2 + k:].permute(1, 0, 2).reshape(batch, world * k)
+        # candidates in global id order, so the CDF walks the vocabulary like `sample` does
+        order = torch.argsort(cand_id, dim=-1)
+        cand_z, cand_id = cand_z.gather(-1, order), cand_id.gather(-1, order)
+        removed = top_k_top_p_mask(cand_z, top_k, top_p)
+        weights = torch.exp(cand_z - cand_z.max(dim=-1, keepdim=True).values)
+        if removed is not None:
+            weights = weights.masked_fill(removed, 0.0)
+        pick = _inverse_cdf(weights, u_B).unsqueeze(-1)
+        return cand_id.gather(-1, pick).squeeze(-1).long(), (cand_z.gather(-1, pick).squeeze(-1) - lse).float()
+
+    # Plain sampling: shard masses place u on one rank, which inverts its local CDF.
+    cdf = torch.cumsum(e, dim=-1)
+    stats = _gather_rows(torch.stack([m, cdf[:, -1]], dim=-1), tp_group)  # [W, B, 2]
+    m_all, s_all = stats[..., 0], stats[..., 1]
+    big = m_all.max(dim=0).values
+    mass = s_all * torch.exp(m_all - big)  # [W, B], identical on every rank
+    ends = torch.cumsum(mass, dim=0)
+    total = ends[-1]
+    target = torch.minimum(u_B.to(z.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    owner = (ends <= target.unsqueeze(0)).sum(dim=0).clamp_(max=world - 1)  # [B]
+    mine = owner == rank
+    before = ends[rank] - mass[rank]
+    local_target = ((target - before) / torch.exp(m - big)).clamp_(min=0.0)
+    local_target = torch.minimum(local_target, torch.nextafter(cdf[:, -1], torch.zeros_like(m)))
+    idx = torch.searchsorted(cdf, local_target.unsqueeze(-1), right=True).squeeze(-1).clamp_(max=v_local - 1)
+    # exactly one rank owns each row: a SUM all-reduce delivers its (token, z) to every rank
+    out = torch.stack([torch.where(mine, (idx + start).to(z.dtype), 0.0),
+                       torch.where(mine, z.gather(-1, idx.unsqueeze(-1)).squeeze(-1), 0.0)], dim=-1)
+    dist.all_reduce(out, group=tp_group)
+    lse = big + torch.log(total)
+    return out[:, 0].long(), (out[:, 1] - lse).float()
