@@ -301,6 +301,8 @@ def main() -> int:
             spec, head = m["spec"], m["head"]
             if m.get("real") and (layout.tp > 1 or layout.vpp):
                 continue  # SmolLM2 has 9 heads / 3 KV heads: TP=2 does not divide it
+            if m.get("real") and groups.dp_rank != 0:
+                continue  # one data-parallel replica suffices for the 135M model (time, memory)
             rec = dict(model=m["name"], layout=layout_name(layout), rank=rank, pp_rank=groups.pp_rank,
                        tp_rank=groups.tp_rank, dp_rank=groups.dp_rank)
             t1 = time.time()
