@@ -329,9 +329,9 @@ def rope_inv_freq(spec: ArchSpec) -> torch.Tensor:
     """RoPE inverse frequencies [head_dim // 2], float32, as transformers computes them.
 
     megatron's RotaryEmbedding has a `rope_scaling` flag for llama3, but it hard-codes
-    low_freq_factor=1, high_freq_factor=4 and original_max_position_embeddings=8192, so it
-    is wrong for e.g. Llama 3.2 (factor 32) or any other original context; the builder
-    overwrites megatron's inv_freq with this tensor for every model instead.
+    low_freq_factor=1, high_freq_factor=4 and original_max_position_embeddings=8192: right for
+    the official Llama 3.x values, wrong for any config with others. The builder overwrites
+    megatron's inv_freq with this tensor for every model instead.
     """
     dim = spec.head_dim
     inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
