@@ -8,8 +8,8 @@ trainer-side forward (megatron's forward-only pipeline schedule over the full se
 cache):
   * greedy generation == a naive full-recompute greedy loop;
   * the engine's log-probs (temperature 0.8) == the trainer's log-probs of the same tokens;
-  * sampled tokens == the single-process run's (same seed), for both TP sampling methods and
-    with top-k;
+  * sampled tokens == the single-process run's (same seed), with and without top-k/top-p, and
+    for both TP sampling methods under TP;
   * every rank of a model-parallel group returns the same completions.
 Rank 0 writes the measurements to OUT.json; tests/rollout/test_megatron_engine.py asserts.
 
@@ -18,6 +18,7 @@ The helpers here are also imported by the single-process tests.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -222,25 +223,26 @@ def main() -> int:
         rec = dict(layout=layout_name(layout), rank=rank, tp_rank=groups.tp_rank, pp_rank=groups.pp_rank,
                    dp_rank=groups.dp_rank)
         engine = MegatronEngine(chunks, spec, layout, groups, CharTokenizer(), eos_token_ids=(),
-                                max_batch=4, max_seq_len=64)
+                                max_batch=16, max_seq_len=64)
         greedy = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=max_new))
         rec["greedy"] = [c.token_ids for c in greedy]
         rec["naive"] = naive_greedy(chunks, groups, spec, prompts, max_new, spec.vocab_size)
 
-        runs = {}
-        for method in ("gather_free", "gather"):
-            engine.config = type(engine.config)(**{**engine.config.__dict__, "tp_sampling": method})
-            runs[method] = engine.generate(prompts, sample_params)
-            runs[method + "_topk"] = engine.generate(prompts, topk_params)
+        runs = {"plain": engine.generate(prompts, sample_params), "topk": engine.generate(prompts, topk_params)}
+        if layout.tp > 1 and not layout.sequence_parallel:
+            # the other TP sampling method must draw the same tokens
+            engine.config = dataclasses.replace(engine.config, tp_sampling="gather")
+            runs["plain_gather"] = engine.generate(prompts, sample_params)
+            runs["topk_gather"] = engine.generate(prompts, topk_params)
+            rec["logprob_diff_between_methods"] = max(
+                abs(a - b) for c1, c2 in zip(runs["plain"], runs["plain_gather"]) if c1.token_ids == c2.token_ids
+                for a, b in zip(c1.logprobs, c2.logprobs))
         rec["samples"] = {k: [c.token_ids for c in v] for k, v in runs.items()}
-        lp_ref = trainer_logprobs(chunks, groups, spec, prompts, runs["gather_free"], 0.8, spec.vocab_size)
-        rec["logprob_max_abs_diff"] = max(abs(a - b) for c, ref in zip(runs["gather_free"], lp_ref)
+        lp_ref = trainer_logprobs(chunks, groups, spec, prompts, runs["plain"], 0.8, spec.vocab_size)
+        rec["logprob_max_abs_diff"] = max(abs(a - b) for c, ref in zip(runs["plain"], lp_ref)
                                           for a, b in zip(c.logprobs, ref))
-        rec["logprob_diff_between_methods"] = max(
-            abs(a - b) for c1, c2 in zip(runs["gather_free"], runs["gather"]) if c1.token_ids == c2.token_ids
-            for a, b in zip(c1.logprobs, c2.logprobs))
-        a = engine.generate(prompts[:2], SamplingParams(temperature=1.0, max_new_tokens=6))
-        b = engine.generate(prompts[:2], SamplingParams(temperature=1.0, max_new_tokens=6))
+        a = engine.generate(prompts[:2], SamplingParams(temperature=1.0, max_new_tokens=4))
+        b = engine.generate(prompts[:2], SamplingParams(temperature=1.0, max_new_tokens=4))
         rec["unseeded"] = [[c.token_ids for c in a], [c.token_ids for c in b]]
         rec["sp_restored"] = bool(chunks[0].config.sequence_parallel) == layout.sequence_parallel
         rec["training_restored"] = all(c.training for c in chunks)
