@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine-mem-frac", type=float, default=0.5,
                         help="fraction of GPU memory the engine takes for weights + KV cache (vLLM "
                              "gpu_memory_utilization), default 0.5")
-    parser.add_argument("--engine-tp", type=int, help="engine tensor parallelism (default: tp*pp, at most a node)")
+    parser.add_argument("--engine-tp", type=int,
+                        help="engine tensor parallelism (default: the largest divisor of the heads <= min(tp*pp, a node))")
     parser.add_argument("--no-offload-in-rollout", action="store_true",
                         help="keep grads and optimizer state on the GPU while the engine generates")
     parser.add_argument("--kernels", choices=("te", "local"), default="te",
@@ -122,8 +123,11 @@ def _fits_line(result) -> str:
 
 
 def print_layout(arch_cfg: dict, result, out=None) -> None:
+    from megarl.models.plan import _Arch
+
     out = out or sys.stdout
     p = result.plan
+    heads = _Arch.from_hf(arch_cfg).heads
     dtype = p.param_dtype
     print(_describe_model(arch_cfg), file=out)
     print(f"layout: tp={p.tp} pp={p.pp} dp={p.dp} ({p.gpus} GPUs), seq_len={p.seq_len}, "
@@ -134,7 +138,7 @@ def print_layout(arch_cfg: dict, result, out=None) -> None:
         print("engine: none", file=out)
     else:
         print(f"engine: colocated, {'released while training' if p.engine == 'sleep' else 'resident while training'}, "
-              f"{p.engine_mem_frac:.2f} of the GPU, engine tp={p.effective_engine_tp}; trainer grads + optimizer "
+              f"{p.engine_mem_frac:.2f} of the GPU, engine tp={p.effective_engine_tp(heads)}; trainer grads + optimizer "
               f"{'offloaded' if p.offload_in_rollout else 'kept on the GPU'} during rollout", file=out)
     print(f"per GPU on pipeline stage {result.stage} of {p.pp} (the most loaded):", file=out)
     labels = {

@@ -1,8 +1,8 @@
 """Per-GPU memory planner for colocated RL training on megatron-core (`megarl plan`).
 
     arch = load_arch_config("qwen2.5-math-7b")          # a known name or a config.json path
-    plan = estimate(arch, PlanConfig(tp=2, pp=1, dp=4, seq_len=4096, micro_batch=1))
-    plan.fits, plan.headroom_bytes, plan.components["actor activations"]
+    result = estimate(arch, PlanConfig(tp=2, pp=1, dp=4, seq_len=4096, micro_batch=1))
+    result.fits, result.headroom_bytes, result.components["actor activations"]
     best_layouts(arch, gpus=8, seq_len=4096, micro_batch=1)   # [(Layout, MemoryPlan)], best first
 
 What is counted, per GPU, on the most loaded pipeline stage (docs/plan.md has the formulas, the
@@ -206,7 +206,7 @@ class PlanConfig:
     critic: bool = False
     engine: Literal["sleep", "resident", "none"] = "sleep"
     engine_mem_frac: float = 0.5
-    engine_tp: int | None = None  # None: tp * pp, capped at gpus_per_node
+    engine_tp: int | None = None  # None: see effective_engine_tp
     offload_in_rollout: bool = True  # grads + optimizer state live on the host while generating
     gpus_per_node: int = 8
     gpu_memory_gib: float = H100_80GB_GIB
@@ -257,9 +257,12 @@ class PlanConfig:
         """Sequence parallelism in effect (it needs tp > 1)."""
         return self.sequence_parallel and self.tp > 1
 
-    @property
-    def effective_engine_tp(self) -> int:
-        return self.engine_tp or min(self.tp * self.pp, self.gpus_per_node)
+    def effective_engine_tp(self, num_attention_heads: int) -> int:
+        """engine_tp, or by default the largest divisor of the heads up to min(tp * pp, a node)."""
+        if self.engine_tp is not None:
+            return self.engine_tp
+        cap = min(self.tp * self.pp, self.gpus_per_node)
+        return max(n for n in range(1, cap + 1) if num_attention_heads % n == 0)
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -320,6 +323,8 @@ class MemoryPlan:
 
 @dataclass(frozen=True)
 class Layout:
+    """One point of the best_layouts search."""
+
     tp: int
     pp: int
     dp: int
@@ -505,7 +510,7 @@ def estimate(arch_config: Mapping[str, Any], plan: PlanConfig) -> MemoryPlan:
     engine_weights = engine_kv = engine_total = 0
     kv_tokens = 0
     if plan.engine != "none":
-        engine_tp = plan.effective_engine_tp
+        engine_tp = plan.effective_engine_tp(arch.heads)
         engine_total = int(plan.engine_mem_frac * gpu_bytes)
         engine_weights = -(-arch.total_params() * 2 // engine_tp)
         engine_kv = engine_total - engine_weights

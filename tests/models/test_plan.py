@@ -141,6 +141,15 @@ def test_critic_engine_phases_and_kv_cache():
     assert not estimate(TINY, dataclasses.replace(plan, gpu_memory_gib=1e-6)).fits
 
 
+def test_engine_tp_default_divides_the_heads():
+    assert PlanConfig(tp=8).effective_engine_tp(12) == 6  # Qwen2.5-Math-1.5B: 12 heads
+    assert PlanConfig(tp=2, pp=2).effective_engine_tp(28) == 4
+    assert PlanConfig(tp=8, pp=4).effective_engine_tp(64) == 8  # at most one node
+    assert PlanConfig(tp=8, engine_tp=2).effective_engine_tp(12) == 2
+    with pytest.raises(ValueError, match=r"^engine_tp: 5 must divide"):
+        estimate(TINY, dataclasses.replace(BASE, engine="sleep", engine_tp=5))
+
+
 def test_known_models():
     totals = {}
     for name in KNOWN_MODELS:
