@@ -39,11 +39,13 @@ _FLAGS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-config", metavar="NAME|PATH",
-                        help="a known model (qwen2.5-math-1.5b, qwen2.5-math-7b, qwen2.5-math-72b) or a config.json path")
+                        help="a known model (qwen2.5-math-1.5b, qwen2.5-math-7b, qwen2.5-math-72b) "
+                             "or a config.json path")
     parser.add_argument("--tp", type=int, help="tensor-parallel size")
     parser.add_argument("--pp", type=int, help="pipeline-parallel size")
     parser.add_argument("--dp", type=int, help="data-parallel size")
-    parser.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (prompt + response), default 4096")
+    parser.add_argument("--seq-len", type=int, default=4096,
+                        help="tokens per sequence (prompt + response), default 4096")
     parser.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch, default 1")
     parser.add_argument("--num-microbatches", type=int, help="micro-batches per step and DP rank (default: >= pp)")
     parser.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
@@ -59,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fraction of GPU memory the engine takes for weights + KV cache (vLLM "
                              "gpu_memory_utilization), default 0.5")
     parser.add_argument("--engine-tp", type=int,
-                        help="engine tensor parallelism (default: the largest divisor of the heads <= min(tp*pp, a node))")
+                        help="engine tensor parallelism (default: the largest divisor of the heads "
+                             "<= min(tp*pp, a node))")
     parser.add_argument("--no-offload-in-rollout", action="store_true",
                         help="keep grads and optimizer state on the GPU while the engine generates")
     parser.add_argument("--kernels", choices=("te", "local"), default="te",
@@ -118,8 +121,11 @@ def _describe_model(arch_cfg: dict) -> str:
 
 
 def _fits_line(result) -> str:
+    from megarl.models.plan import H100_80GB_GIB
+
+    gpu = "80 GB H100" if result.plan.gpu_memory_gib == H100_80GB_GIB else f"{result.plan.gpu_memory_gib:g} GiB GPU"
     verdict = "yes" if result.fits else "no"
-    return f"fits on 80 GB H100: {verdict} (headroom {_gib(result.headroom_bytes)} GiB)"
+    return f"fits on {gpu}: {verdict} (headroom {_gib(result.headroom_bytes)} GiB)"
 
 
 def print_layout(arch_cfg: dict, result, out=None) -> None:
@@ -138,7 +144,8 @@ def print_layout(arch_cfg: dict, result, out=None) -> None:
         print("engine: none", file=out)
     else:
         print(f"engine: colocated, {'released while training' if p.engine == 'sleep' else 'resident while training'}, "
-              f"{p.engine_mem_frac:.2f} of the GPU, engine tp={p.effective_engine_tp(heads)}; trainer grads + optimizer "
+              f"{p.engine_mem_frac:.2f} of the GPU, engine tp={p.effective_engine_tp(heads)}; "
+              f"trainer grads + optimizer "
               f"{'offloaded' if p.offload_in_rollout else 'kept on the GPU'} during rollout", file=out)
     print(f"per GPU on pipeline stage {result.stage} of {p.pp} (the most loaded):", file=out)
     labels = {
@@ -168,7 +175,8 @@ def print_best(arch_cfg: dict, args, out=None) -> None:
     from megarl.models.plan import best_layouts
 
     print(_describe_model(arch_cfg), file=out)
-    header = f"  {'nodes':>5} {'gpus':>5}  {'tp':>3} {'pp':>3} {'dp':>4}  {'recompute':<9} {'optimizer':<11} {'peak GiB':>9} {'headroom':>9}"
+    header = (f"  {'nodes':>5} {'gpus':>5}  {'tp':>3} {'pp':>3} {'dp':>4}  {'recompute':<9} {'optimizer':<11} "
+              f"{'peak GiB':>9} {'headroom':>9}")
     print(header, file=out)
     for nodes in args.nodes:
         gpus = nodes * args.gpus_per_node

@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from megarl.models.plan import (
     GiB,
@@ -230,6 +231,8 @@ def test_cli_layout_table(capsys):
     assert rc == 0 and "critic optimizer" in out and "critic activations (recompute none)" in out
     rc, out, _ = _cli(capsys, "--hf-config", "qwen2.5-math-72b", "--tp", "8")
     assert rc == 0 and "fits on 80 GB H100: no (headroom -" in out
+    rc, out, _ = _cli(capsys, "--hf-config", "qwen2.5-math-1.5b", "--dp", "8", "--gpu-memory-gib", "139")
+    assert rc == 0 and "fits on 139 GiB GPU: yes" in out
 
 
 def test_cli_best_layouts(capsys):
@@ -324,7 +327,7 @@ def test_saved_tensors_match_layer_formula(cpu_measurements):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_estimate_matches_measured_memory_gpu():
     cases = [dict(c, dtype="bf16") for c in MEASURED_CASES]
     results = _run_measurements(cases, "cuda", timeout=600)
@@ -352,7 +355,6 @@ def _measure_case(case: dict, device: str) -> dict:
     import gc
 
     import megatron.core.optimizer as megatron_optimizer
-    import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
