@@ -84,6 +84,9 @@ _ANSWER_IS_RE = re.compile(
 _LAST_NUMBER_RE = re.compile(r"(?<![\d.,])[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _SENTENCE_END_RE = re.compile(r"\.(?=\s|$)|\n")
+_COMMENTARY_RE = re.compile(
+    r"\s+\((?![^()]*,)|\s+(?:because|since|which|as|so|but|when|if|where|not|instead)\b", re.IGNORECASE
+)
 
 
 def _box_contents(text: str) -> tuple[int, str | None] | None:
@@ -148,6 +151,11 @@ def _phrase_after(text: str, start: int) -> str | None:
             return None
     m = _SENTENCE_END_RE.search(rest)
     phrase = rest[: m.start()] if m else rest
+    # "The answer is 7 (not 8)", "the answer is 12 because ...": the answer ends where the
+    # commentary starts.
+    m = _COMMENTARY_RE.search(phrase)
+    if m and m.start() > 0:
+        phrase = phrase[: m.start()]
     phrase = phrase.strip().rstrip("*").strip()
     return phrase or None
 
@@ -274,6 +282,10 @@ _GLUED_UNITS_RE = re.compile(
 )
 
 
+_NUMBER_THEN_WORDS_RE = re.compile(r"([-+]?\d[\d,]*(?:\.\d+)?)\s+([A-Za-z]{2,}(?:\s+[A-Za-z]{2,}){0,3})")
+_MATH_WORDS_RE = re.compile(r"\b(?:pi|sqrt|infinity|inf|i|e|and|or|to|over|times|plus|minus|divided|squared|cubed)\b", re.IGNORECASE)
+
+
 def _unwrap_text(s: str) -> str:
     # Innermost first; bounded because each pass removes one level of \text{...}.
     for _ in range(8):
@@ -332,6 +344,9 @@ def _normalize(s: str) -> str:
         new = _GLUED_UNITS_RE.sub("", s)
         if new.strip():
             s = new
+    m = _NUMBER_THEN_WORDS_RE.fullmatch(s)
+    if m and not _MATH_WORDS_RE.search(m.group(2)):
+        s = m.group(1)  # "3 apples", "12 red marbles": the noun is not part of the answer
     for pattern, repl in _FRAC_FIX_RES:
         s = pattern.sub(repl, s)
     s = _UNION_U_RE.sub(r"\1\\cup\2", s)
@@ -939,7 +954,20 @@ def grade(response: str, answer: str, *, last_number_fallback: bool = False) -> 
         return GradeResult(False, extracted, f"error: {type(e).__name__}: {str(e)[:200]}")
 
 
+# Typical answer shapes. The ANTLR parser builds its prediction tables lazily, per construct;
+# parsing these once in the grader's zygote makes every forked worker start warm.
+_WARMUP_ANSWERS = (
+    r"\frac{x^2-1}{x-1}", r"\frac{\sqrt{3}}{2}", r"-\frac{1}{2}", r"2\sqrt{3}", r"\sqrt[3]{2}", r"3\pi",
+    r"\frac{\pi}{2}", r"x^{2}-2x+1", r"(x-1)(x+2)", r"\sin(x)", r"\cos^2x", r"\tan\theta", r"\log_2 8",
+    r"\ln(x)", r"e^{x}", r"6+9i", r"|x|", r"5!", r"\binom{5}{2}", r"a_1", r"y=2x+3", r"x\le3", r"x>2",
+    r"-\infty", r"ab", r"Devon", r"1.5\times10^{3}", r"2\cdot3", r"\frac{a}{b}+c", r"\frac{1+\sqrt{5}}{2}",
+    r"4\sqrt{2}-1", r"\frac{9}{4}\pi", r"2^{10}", r"\pi r^2",
+)
+
+
 def warmup() -> None:
-    """Import sympy and build the LaTeX parser (worker start-up, so the first item is not slow)."""
+    """Import sympy and warm the LaTeX parser (grader start-up, so the first items are not slow)."""
+    for s in _WARMUP_ANSWERS:
+        _parse_latex(s)
     is_equiv(r"\frac{x^2-1}{x-1}", "x+1")
     is_equiv(r"\sqrt{2}", "1.41421")

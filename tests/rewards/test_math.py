@@ -30,6 +30,8 @@ DATA = Path(__file__).resolve().parents[2] / "data"
         ("The answer is 42.", "42"),
         ("So the final answer is 12.8.", "12.8"),
         ("The answer is $x^2+1$ because", "x^2+1"),
+        ("The answer is 7 (not 8).", "7"),
+        ("The answer is 12 because 3 * 4 = 12", "12"),
         ("**Answer:** 17", "17"),
         ("Answer: (1, 2)", "(1, 2)"),
         (r"\boxed{3} and later the answer is 4", "3"),  # an explicit marker beats "the answer is"
@@ -70,6 +72,7 @@ EQUAL = [
     (r"30^{\circ}", "30"),
     (r"15\text{ cm}^2", r"15\mbox{ cm}^2"),
     ("18 dollars", "18"),
+    ("12 red marbles", "12"),
     (r"5 \text{ m}", "5"),
     ("x = 5", "5"),
     ("5", "x=5"),
@@ -128,6 +131,7 @@ NOT_EQUAL = [
     ("200", "2"),
     (r"5\%", "0.5"),
     ("5m", "5"),  # 5*m: units are only stripped after a space
+    ("2 pi", r"2\pi"),  # not "2" followed by a noun
     (r"\begin{pmatrix}2\\1\end{pmatrix}", r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}"),
     (r"\begin{pmatrix}1\\2\end{pmatrix}", "(1,2)"),
     (r"(-\infty, 2] \cup (3, \infty)", r"(3,\infty)\cup(-\infty,2)"),
