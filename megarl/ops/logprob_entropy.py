@@ -224,7 +224,9 @@ def _combine(stats, targets, vocab_start: int, v_local: int, temperature: float,
         dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
         c = (row_max - global_max) / temperature
         e = torch.exp(c)
-        present = s > 0  # an all -inf shard adds nothing (and c * s would be -inf * 0)
+        # A shard adds nothing when it is all -inf (s == 0) or far below the global max (e == 0,
+        # e.g. a padded-vocab shard filled with finfo.min): c * s could be -inf, and 0 * -inf NaN.
+        present = (s > 0) & (e > 0)
         packed = torch.stack(
             [
                 torch.where(present, e * s, 0.0),
