@@ -257,3 +257,4 @@ def test_head_models_have_sharded_state_dict(groups):
         (m,) = build_model(spec, LAYOUT, head=head, groups=groups)
         sd = m.sharded_state_dict()
         assert "output_layer.weight" in sd and "output_layer.bias" in sd
+

@@ -9,8 +9,9 @@ forward-only pipeline schedule and compares the last stage's logits with transfo
 eager attention) on the same tokens. It also exports every megatron shard back to HF names
 (mcore_to_hf) and checks the round trip is exact, checks that megatron's layer numbering equals
 mappings.global_layer, and for the value model runs a backward through the pipeline schedule
-and compares the exported gradients with transformers'. Rank 0 writes all measurements to
-OUT.json; the test asserts on them.
+and compares the exported gradients with transformers'; megatron's legacy static inference
+engine generates greedily from the tied Qwen2 model (layouts without VPP/SP). Rank 0 writes all
+measurements to OUT.json; the test asserts on them.
 """
 
 from __future__ import annotations
@@ -203,6 +204,45 @@ def grad_errors(chunks, groups, spec, layout, hf_model, ids_MBS: torch.Tensor) -
     return compared, bad
 
 
+class _IdTokenizer:
+    """Token ids written as text: what megatron's text generation controller needs."""
+
+    eod, bos = 999, None
+
+    def tokenize(self, text):
+        return [int(x) for x in text.split()]
+
+    def detokenize(self, ids, **kwargs):
+        return " ".join(str(int(i)) for i in ids)
+
+
+ENGINE_PROMPTS = ["5 17 33 2 9", "100 4 8"]
+ENGINE_NEW_TOKENS = 6
+
+
+def static_engine_tokens(chunks, spec, layout) -> list[list[int]]:
+    """Greedy tokens from megatron's legacy StaticInferenceEngine (PP broadcasts go through the
+    compat layer's relaxed _is_cuda)."""
+    from megatron.core.inference.engines.static_engine import StaticInferenceEngine
+    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+    from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
+    from megatron.core.inference.sampling_params import SamplingParams
+    from megatron.core.inference.text_generation_controllers.text_generation_controller import (
+        TextGenerationController,
+    )
+
+    (model,) = chunks
+    cfg = InferenceWrapperConfig(hidden_size=spec.hidden_size, params_dtype=torch.float32,
+                                 inference_batch_times_seqlen_threshold=1000,
+                                 padded_vocab_size=padded_vocab_size(spec, layout.tp), inference_max_requests=4,
+                                 inference_max_seq_length=64)
+    engine = StaticInferenceEngine(TextGenerationController(GPTInferenceWrapper(model, cfg), _IdTokenizer()),
+                                   max_batch_size=4, legacy=True)
+    results = engine.generate(prompts=ENGINE_PROMPTS,
+                              sampling_params=SamplingParams(top_k=1, num_tokens_to_generate=ENGINE_NEW_TOKENS))
+    return [list(map(int, r.generated_tokens)) for r in results]
+
+
 def roundtrip(chunks, groups, spec, layout, hf_state, head) -> tuple[int, list[str], list[str]]:
     """Export this rank's shards to HF names; (tensors compared, mismatches, HF names covered)."""
     compared, bad, covered = 0, [], []
@@ -256,6 +296,14 @@ def main() -> int:
             cfg, state = model.config.to_dict(), dict(model.state_dict())
         with torch.no_grad():
             ref = ref_fn(ids.reshape(-1, SEQ))
+        if name == "qwen2-tied":
+            engine_ref = []
+            for prompt in ENGINE_PROMPTS:
+                p_ids = torch.tensor([[int(x) for x in prompt.split()]])
+                with torch.no_grad():
+                    out = model.generate(p_ids, max_new_tokens=ENGINE_NEW_TOKENS, do_sample=False,
+                                         eos_token_id=None, pad_token_id=0)
+                engine_ref.append(out[0, p_ids.shape[1]:].tolist())
         models.append(dict(name=name, spec=arch_spec(cfg), head=head, state=state, ref=ref, ids=ids,
                            tensors=lambda state=state: state.items(),
                            hf=model if name == "qwen2-value" else None))
@@ -333,6 +381,8 @@ def main() -> int:
             if m.get("state") is not None:
                 compared, bad, covered = roundtrip(chunks, groups, spec, layout, m["state"], head)
                 rec["roundtrip_compared"], rec["roundtrip_errors"], rec["covered"] = compared, bad, sorted(set(covered))
+            if m["name"] == "qwen2-tied" and layout.vpp is None and not layout.sequence_parallel:
+                rec["engine_tokens"] = static_engine_tokens(chunks, spec, layout)
             if m.get("hf") is not None:
                 rec["grad_compared"], rec["grad_errors"] = grad_errors(chunks, groups, spec, layout, m["hf"], m["ids"])
             rec["seconds"] = round(time.time() - t1, 3)
@@ -346,7 +396,7 @@ def main() -> int:
     if rank == 0:
         flat = [r for rs in gathered for r in rs]
         expected = {m["name"]: hf_names(m["spec"], m["head"]) for m in models}
-        result = dict(records=flat, expected_hf_names=expected, layout_seconds=t_layouts,
+        result = dict(records=flat, expected_hf_names=expected, layout_seconds=t_layouts, engine_ref=engine_ref,
                       total_seconds=round(time.time() - t_start, 2))
         tmp = out_path + ".tmp"
         with open(tmp, "w") as f:

@@ -112,3 +112,11 @@ def test_smollm2_parity(parity, layout):
     if layout == "tp1pp1":
         assert set(rank0["covered"]) == set(parity["expected_hf_names"]["smollm2-135m"])
 
+
+
+@pytest.mark.parametrize("layout", ["tp1pp1", "tp2pp1", "tp1pp2", "tp2pp2"])
+def test_megatron_static_inference_engine(parity, layout):
+    """megatron's legacy StaticInferenceEngine runs on CPU through the compat layer (timing
+    Events, PP broadcasts) and its greedy tokens equal transformers' generate."""
+    for r in _records(parity, "qwen2-tied", layout):
+        assert r["engine_tokens"] == parity["engine_ref"], (r["rank"], r["engine_tokens"])
