@@ -132,6 +132,21 @@ def _set_memory_cap(memory_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent (the zygote) exits: a worker spinning on a hostile
+    item never reads the EOF that tells an idle one the pool is gone."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return  # not Linux: an orphaned worker still exits at its next EOF
+    if os.getppid() != parent_pid:
+        os._exit(0)  # the zygote died before prctl took effect
+
+
 def _serve(inbox: Connection, outbox: Connection, grade_fn: Callable, memory_mb: int, last_number_fallback: bool) -> None:
     """Worker loop: receive (seq, response, answer), send (seq, correct, extracted, reason)."""
     _set_memory_cap(memory_mb)
@@ -181,9 +196,11 @@ def _zygote_main(sock_fd: int) -> None:
             inbox_fd, outbox_fd = recvfds(sock, 2)
         except (EOFError, OSError):
             return
+        zygote_pid = os.getpid()
         pid = os.fork()
         if pid == 0:
             try:
+                _die_with_parent(zygote_pid)
                 control.close()
                 sock.close()
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)

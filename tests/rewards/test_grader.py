@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -143,3 +146,36 @@ def test_input_validation_and_lifecycle(pool):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_no_orphans_when_the_trainer_dies():
+    # A trainer killed with SIGKILL while a worker spins on a hostile item must not leave the
+    # zygote or a CPU-burning worker behind.
+    script = (
+        "import os, signal, sys, threading, time\n"
+        f"sys.path[:0] = [{str(Path(__file__).parent)!r}]\n"
+        "from megarl.rewards.grader import GraderConfig, GraderPool\n"
+        "from test_grader import hostile_grade\n"
+        "p = GraderPool(GraderConfig(num_workers=1, timeout_s=600), grade_fn=hostile_grade)\n"
+        "p.wait_ready()\n"
+        "print(*p.pids(), flush=True)\n"
+        "threading.Thread(target=p.grade_batch, args=(['spin'], ['1']), daemon=True).start()\n"
+        "time.sleep(0.5)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
