@@ -30,7 +30,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -295,10 +295,18 @@ def mcore_local_shape(spec: ArchSpec, mcore_name: str, tp_size: int, head: str =
 
 
 def mcore_to_hf(
-    spec: ArchSpec, mcore_name: str, shards: list[torch.Tensor], head: str = "lm"
+    spec: ArchSpec, mcore_name: str, shards: list[torch.Tensor], head: str = "lm", *, views: bool = False
 ) -> list[tuple[str, torch.Tensor]]:
     """HF tensors made from the TP shards (in TP-rank order) of megatron tensor `mcore_name`
-    (global layer id). Vocab padding is stripped; the tied output weight gives []."""
+    (global layer id). Vocab padding is stripped; the tied output weight gives [].
+
+    views=True lets outputs made from a single shard be views of it instead of copies (the
+    rollout weight bridge, which only reads them; such views may share storage, e.g. gate and
+    up of one fc1 shard, which safetensors refuses to save side by side)."""
+
+    def cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+        return parts[0] if views and len(parts) == 1 else torch.cat(parts, dim=dim)
+
     m, layer = find_mcore(spec, mcore_name, head)
     if m.tied:
         return []
@@ -315,15 +323,15 @@ def mcore_to_hf(
     if m.kind == "replicated":
         return [(names[0], shards[0])]
     if m.kind == "column":
-        return [(names[0], torch.cat(shards, dim=0))]
+        return [(names[0], cat(shards, dim=0))]
     if m.kind == "row":
-        return [(names[0], torch.cat(shards, dim=1))]
+        return [(names[0], cat(shards, dim=1))]
     if m.kind == "vocab":
-        return [(names[0], torch.cat(shards, dim=0)[: spec.vocab_size])]
+        return [(names[0], cat(shards, dim=0)[: spec.vocab_size])]
     if m.kind == "gate_up":
         f_local = spec.ffn_hidden_size // tp_size
-        gate = torch.cat([s[:f_local] for s in shards], dim=0)
-        up = torch.cat([s[f_local:] for s in shards], dim=0)
+        gate = cat([s[:f_local] for s in shards], dim=0)
+        up = cat([s[f_local:] for s in shards], dim=0)
         return [(names[0], gate), (names[1], up)]
     assert m.kind == "qkv"
     parts: list[list[torch.Tensor]] = [[], [], []]
@@ -331,7 +339,7 @@ def mcore_to_hf(
         for part in range(3):
             rows, _ = _qkv_rows(spec, part, r, tp_size)
             parts[part].append(s[rows])
-    return [(names[p], torch.cat(parts[p], dim=0)) for p in range(3)]
+    return [(names[p], cat(parts[p], dim=0)) for p in range(3)]
 
 
 def hf_names(spec: ArchSpec, head: str = "lm") -> list[str]:
@@ -444,6 +452,13 @@ def iter_safetensors(path: str | Path) -> Iterator[tuple[str, LazyTensor]]:
                 yield name, LazyTensor(handle, name)
 
 
+def _unwrap(chunk):
+    """The GPTModel inside megatron's wrappers (DDP, Float16Module keep it in `.module`)."""
+    while not hasattr(chunk, "megarl_head") and hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 def _chunk_info(chunk) -> tuple[int, int, int, int]:
     pgs = chunk.pg_collection
     vp = chunk.vp_stage if chunk.vp_stage is not None else 0
@@ -458,7 +473,8 @@ def load_hf_state_into(
     *,
     head_from_checkpoint: bool = True,
 ) -> dict[str, int]:
-    """Copy HF tensors into this rank's model chunks (from builder.build_model).
+    """Copy HF tensors into this rank's model chunks (from builder.build_model, possibly
+    wrapped by megatron's DDP / Float16Module).
 
     `hf_tensors` yields (name, tensor) where tensor is a torch.Tensor or a LazyTensor (from
     `iter_safetensors`; read only if this rank holds part of it). Every name is checked on every
@@ -474,6 +490,7 @@ def load_hf_state_into(
     """
     if not model_chunks:
         raise ValueError("load_hf_state_into: no model chunks")
+    model_chunks = [_unwrap(c) for c in model_chunks]
     head = getattr(model_chunks[0], "megarl_head", None)
     if head is None:
         raise ValueError("load_hf_state_into: model chunks must come from megarl.models.builder.build_model")

@@ -136,6 +136,22 @@ def test_load_errors_are_collected(groups):
     assert "inv_freq" not in msg
 
 
+def test_load_into_wrapped_chunks(groups):
+    """Trainers wrap chunks (megatron DDP, Float16Module: the model is `.module`)."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    hf = tiny_qwen2(tied=True, seed=11)
+    spec = arch_spec(hf.config.to_dict())
+    chunks = build_model(spec, LAYOUT, groups=groups)
+    load_hf_state_into([Wrapper(Wrapper(chunks[0]))], spec, LAYOUT, hf.state_dict().items())
+    with torch.no_grad():
+        assert ratio(forward(chunks, IDS)[..., :300], hf(IDS).logits) <= TOL
+
+
 def test_head_tensors_of_another_head_rejected(groups):
     hf = tiny_qwen2(tied=False, seed=6)
     spec = arch_spec(hf.config.to_dict())
