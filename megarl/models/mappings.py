@@ -452,6 +452,29 @@ def iter_safetensors(path: str | Path) -> Iterator[tuple[str, LazyTensor]]:
                 yield name, LazyTensor(handle, name)
 
 
+def export_hf_tensors(model_chunks: list, spec: ArchSpec, layout) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named tensors of this rank's chunks, one megatron parameter at a time.
+
+    Collective over the tensor-parallel group (every TP rank must iterate to the end): each
+    parameter's shards are all-gathered (chunk.pg_collection.tp) and converted by
+    `mcore_to_hf`, so every TP rank gets the same full tensors. Names carry global layer ids;
+    each pipeline stage yields its own layers (the embedding on the first stage, the final norm
+    and head on the last); the tied output weight is skipped and vocab padding stripped.
+    """
+    for chunk in (_unwrap(c) for c in model_chunks):
+        head = chunk.megarl_head
+        tp_rank, tp_size, pp_rank, vp = _chunk_info(chunk)
+        for local, p in chunk.named_parameters():
+            data = p.detach()
+            if tp_size > 1:
+                shards = [torch.empty_like(data) for _ in range(tp_size)]
+                torch.distributed.all_gather(shards, data.contiguous(), group=chunk.pg_collection.tp)
+            else:
+                shards = [data]
+            name = to_global_name(spec, layout, pp_rank, vp, normalize_mcore_name(local))
+            yield from mcore_to_hf(spec, name, shards, head)
+
+
 def _unwrap(chunk):
     """The GPTModel inside megatron's wrappers (DDP, Float16Module keep it in `.module`)."""
     while not hasattr(chunk, "megarl_head") and hasattr(chunk, "module"):

@@ -1,14 +1,14 @@
 """Logits parity of megatron models built by megarl against transformers, under TP/PP/VPP.
 
-Run by tests/models/test_parity.py as ONE launch:
+Run by tests/models/test_model_parity.py as ONE launch:
     torchrun --standalone --nproc_per_node=4 tests/models/parity_script.py OUT.json [--smollm2]
 
 For each layout (re-initialising megatron's parallel state between layouts) and each model it
 builds the megatron chunks, loads the HF weights through megarl.models.mappings, runs a
 forward-only pipeline schedule and compares the last stage's logits with transformers' (float32,
 eager attention) on the same tokens. It also exports every megatron shard back to HF names
-(mcore_to_hf) and checks the round trip is exact, checks that megatron's layer numbering equals
-mappings.global_layer, and for the value model runs a backward through the pipeline schedule
+(export_hf_tensors / mcore_to_hf) and checks the round trip is exact, checks that megatron's
+layer numbering equals mappings.global_layer, and for the value model runs a backward through the pipeline schedule
 and compares the exported gradients with transformers'; megatron's legacy static inference
 engine generates greedily from the tied Qwen2 model (layouts without VPP/SP). Rank 0 writes all
 measurements to OUT.json; the test asserts on them.
@@ -26,6 +26,7 @@ import torch.distributed as dist
 from megarl.models.builder import build_model
 from megarl.models.hf_config import arch_spec, padded_vocab_size
 from megarl.models.mappings import (
+    export_hf_tensors,
     global_layer,
     hf_names,
     iter_safetensors,
@@ -244,26 +245,20 @@ def static_engine_tokens(chunks, spec, layout) -> list[list[int]]:
 
 
 def roundtrip(chunks, groups, spec, layout, hf_state, head) -> tuple[int, list[str], list[str]]:
-    """Export this rank's shards to HF names; (tensors compared, mismatches, HF names covered)."""
+    """Export this rank's shards to HF names (mappings.export_hf_tensors); (tensors compared,
+    mismatches, HF names covered). Also checks the replicated head is equal on all TP ranks."""
     compared, bad, covered = 0, [], []
-    for c in chunks:
-        vp = c.vp_stage or 0
-        for local, p in c.named_parameters():
+    for hf_name, t in export_hf_tensors(chunks, spec, layout):
+        compared += 1
+        covered.append(hf_name)
+        if not torch.equal(t, hf_state[hf_name].to(t.dtype)):
+            bad.append(f"{hf_name}: max diff {(t - hf_state[hf_name]).abs().max().item():.3g}")
+    if head != "lm" and layout.tp > 1 and groups.is_last_pp_stage:
+        for name, p in chunks[-1].output_layer.named_parameters():
             shards = [torch.empty_like(p) for _ in range(layout.tp)]
-            replicated = local.startswith("output_layer.") and head != "lm"
-            if layout.tp > 1:
-                dist.all_gather(shards, p.detach().contiguous(), group=groups.tp_group)
-            else:
-                shards = [p.detach()]
-            if replicated and layout.tp > 1:
-                if any(not torch.equal(s, shards[0]) for s in shards):
-                    bad.append(f"{local}: head replicas differ across TP ranks")
-            name = to_global_name(spec, layout, groups.pp_rank, vp, local)
-            for hf_name, t in mcore_to_hf(spec, name, shards, head):
-                compared += 1
-                covered.append(hf_name)
-                if not torch.equal(t, hf_state[hf_name].to(t.dtype)):
-                    bad.append(f"{name} -> {hf_name}: max diff {(t - hf_state[hf_name]).abs().max().item():.3g}")
+            dist.all_gather(shards, p.detach().contiguous(), group=groups.tp_group)
+            if any(not torch.equal(s, shards[0]) for s in shards):
+                bad.append(f"output_layer.{name}: head replicas differ across TP ranks")
     return compared, bad, covered
 
 
