@@ -15,24 +15,39 @@ from megarl.ops import logprob_entropy, logprob_entropy_from_hidden, logprob_ent
 lpe_module = importlib.import_module("megarl.ops.logprob_entropy")
 
 NEG_INF = float("-inf")
-needs_kernel = pytest.mark.skipif(
-    not has_kernel("logprob_entropy_fwd", "cpu"), reason="megarl._C without the logprob_entropy CPU kernel"
-)
+# The kernel of each device is what these tests check (the fallback has its own test).
+DEVICES = [
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(not has_kernel("logprob_entropy_fwd", "cpu"), reason="no logprob_entropy CPU kernel"),
+    ),
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(
+                not (torch.cuda.is_available() and has_kernel("logprob_entropy_fwd", "cuda")),
+                reason="needs a CUDA device and the CUDA kernel of logprob_entropy",
+            ),
+        ],
+    ),
+]
 
 
 def _reference_with_grads(logits, targets, temperature, g_lp, g_ent):
-    """float64 reference outputs and d(sum(g_lp*lp + g_ent*ent))/dlogits."""
-    x = logits.detach().double().requires_grad_(True)
+    """float64 reference outputs and d(sum(g_lp*lp + g_ent*ent))/dlogits, on the CPU."""
+    x = logits.detach().cpu().double().requires_grad_(True)
+    targets, g_lp, g_ent = targets.cpu(), g_lp.cpu(), g_ent.cpu()
     lp, ent = logprob_entropy_reference(x, targets, temperature)
     (grad,) = torch.autograd.grad((g_lp.double() * lp + g_ent.double() * ent).sum(), x)
     return lp.detach(), ent.detach(), grad
 
 
-def _fused_with_grads(logits, targets, temperature, g_lp, g_ent):
-    x = logits.detach().clone().requires_grad_(True)
-    lp, ent = logprob_entropy(x, targets, temperature)
-    (grad,) = torch.autograd.grad((g_lp * lp + g_ent * ent).sum(), x)
-    return lp.detach(), ent.detach(), grad
+def _fused_with_grads(logits, targets, temperature, g_lp, g_ent, device="cpu"):
+    x = logits.detach().to(device).requires_grad_(True)
+    lp, ent = logprob_entropy(x, targets.to(device), temperature)
+    (grad,) = torch.autograd.grad((g_lp.to(device) * lp + g_ent.to(device) * ent).sum(), x)
+    return lp.detach().cpu(), ent.detach().cpu(), grad.cpu()
 
 
 def _close(actual, expected, dtype, what):
@@ -59,15 +74,15 @@ def _make_logits(num_rows, vocab, dtype, gen, scale=3.0):
     return logits.to(dtype), targets
 
 
-@needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(1, 1), (1, 7), (4, 1000), (3, 4099), (2, 9000)], ids=str)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_matches_reference(shape, dtype, temperature):
+def test_matches_reference(shape, dtype, temperature, device):
     gen = torch.Generator().manual_seed(hash((shape, str(dtype), temperature)) % 2**31)
     logits, targets = _make_logits(*shape, dtype, gen)
     g_lp, g_ent = torch.randn(shape[0], generator=gen), torch.randn(shape[0], generator=gen)
-    lp, ent, grad = _fused_with_grads(logits, targets, temperature, g_lp, g_ent)
+    lp, ent, grad = _fused_with_grads(logits, targets, temperature, g_lp, g_ent, device)
     ref_lp, ref_ent, ref_grad = _reference_with_grads(logits, targets, temperature, g_lp, g_ent)
     assert lp.dtype == ent.dtype == torch.float32 and grad.dtype == dtype
     assert not lp.isnan().any() and not ent.isnan().any() and not grad.isnan().any()
@@ -78,25 +93,29 @@ def test_matches_reference(shape, dtype, temperature):
         assert lp[0].item() == NEG_INF  # masked target
 
 
-@needs_kernel
-def test_strided_rows_and_one_output_used():
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_strided_misaligned_rows_and_one_output_used(device, dtype):
+    """A view starting one element in: rows are not 16-byte aligned (and the gradient's rows
+    align differently from the input's), which the CUDA kernels handle with a scalar head."""
     gen = torch.Generator().manual_seed(1)
-    wide = torch.randn(5, 300, generator=gen)
-    logits, targets = wide[:, :257], torch.randint(0, 257, (5,), generator=gen)
-    lp, ent = logprob_entropy(logits, targets, 1.3)
+    wide = torch.randn(5, 300, generator=gen).to(dtype).to(device)
+    logits, targets = wide[:, 1:258], torch.randint(0, 257, (5,), generator=gen)
+    lp, ent = logprob_entropy(logits, targets.to(device), 1.3)
     ref_lp, ref_ent, _ = _reference_with_grads(logits, targets, 1.3, torch.zeros(5), torch.zeros(5))
-    _close(lp, ref_lp, torch.float32, "logprobs")
-    _close(ent, ref_ent, torch.float32, "entropy")
-    x = logits.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(logprob_entropy(x, targets)[1].sum(), x)
+    _close(lp.cpu(), ref_lp, dtype, "logprobs")
+    _close(ent.cpu(), ref_ent, dtype, "entropy")
+    x = wide.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(logprob_entropy(x[:, 1:258], targets.to(device))[1].sum(), x)
     _, _, ref_grad = _reference_with_grads(logits, targets, 1.0, torch.zeros(5), torch.ones(5))
-    _close(grad, ref_grad, torch.float32, "grad")
+    _close(grad[:, 1:258].cpu(), ref_grad, dtype, "grad")
 
 
-def test_fully_masked_row_is_nan_like_the_reference():
-    logits = torch.randn(3, 50)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fully_masked_row_is_nan_like_the_reference(device):
+    logits = torch.randn(3, 50, device=device)
     logits[1] = NEG_INF
-    targets = torch.tensor([0, 1, 2])
+    targets = torch.tensor([0, 1, 2], device=device)
     for fn in (logprob_entropy, logprob_entropy_reference):
         x = logits.clone().requires_grad_(True)
         lp, ent = fn(x, targets)
@@ -105,31 +124,34 @@ def test_fully_masked_row_is_nan_like_the_reference():
         assert lp[[0, 2]].isfinite().all() and grad[[0, 2]].isfinite().all(), fn.__name__
 
 
-@needs_kernel
-def test_opcheck_each_op():
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_each_op(device):
     gen = torch.Generator().manual_seed(2)
     logits, targets = _make_logits(4, 300, torch.float32, gen)
+    logits, targets = logits.to(device), targets.to(device)
     torch.library.opcheck(torch.ops.megarl.logprob_entropy_stats, (logits, targets, 0.7, 100))
     torch.library.opcheck(torch.ops.megarl.logprob_entropy_fwd, (logits.clone().requires_grad_(True), targets, 0.7))
     lp, ent, lse_stats = torch.ops.megarl.logprob_entropy_fwd(logits, targets, 0.7)
-    grads = (torch.randn(4, generator=gen), torch.randn(4, generator=gen))
+    grads = (torch.randn(4, generator=gen).to(device), torch.randn(4, generator=gen).to(device))
     torch.library.opcheck(
         torch.ops.megarl.logprob_entropy_bwd, (*grads, logits.bfloat16(), targets, lse_stats, ent, 0.7, 0)
     )
 
 
-@needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("vocab_start", [0, 150, 1000])
-def test_stats_kernel_matches_torch_version(vocab_start):
+def test_stats_kernel_matches_torch_version(vocab_start, device):
     """The torch versions of the local pieces are what the TP and from-hidden paths fall back to."""
     gen = torch.Generator().manual_seed(vocab_start)
     logits, _ = _make_logits(6, 300, torch.float32, gen)
     logits[3, :] = NEG_INF
     targets = torch.randint(0, 1300, (6,), generator=gen)
+    logits, targets = logits.to(device), targets.to(device)
     kernel = torch.ops.megarl.logprob_entropy_stats(logits, targets, 0.7, vocab_start)
     torch.testing.assert_close(kernel, lpe_module._stats_torch(logits, targets, 0.7, vocab_start), rtol=1e-5, atol=1e-5)
     lse_stats = torch.stack([kernel[:, 0], kernel[:, 1].log()], 1)
-    args = (torch.randn(6, generator=gen), torch.randn(6, generator=gen), logits, targets, lse_stats, torch.rand(6))
+    grads = (torch.randn(6, generator=gen).to(device), torch.randn(6, generator=gen).to(device))
+    args = (*grads, logits, targets, lse_stats, torch.rand(6).to(device))
     torch.testing.assert_close(
         torch.ops.megarl.logprob_entropy_bwd(*args, 0.7, vocab_start),
         lpe_module._grad_torch(*args, 0.7, vocab_start),
@@ -158,12 +180,13 @@ def test_fallback_without_kernel(monkeypatch):
 _STATS_TORCH = lpe_module._stats_torch
 
 
-def _check_from_hidden(hidden, weight, targets, temperature, chunk_size):
+def _check_from_hidden(hidden, weight, targets, temperature, chunk_size, device="cpu"):
     gen = torch.Generator().manual_seed(4)
     g_lp, g_ent = torch.randn(len(targets), generator=gen), torch.randn(len(targets), generator=gen)
-    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    lp, ent = logprob_entropy_from_hidden(h, w, targets, temperature, chunk_size=chunk_size)
-    grad_h, grad_w = torch.autograd.grad((g_lp * lp + g_ent * ent).sum(), (h, w))
+    h, w = hidden.to(device).requires_grad_(True), weight.to(device).requires_grad_(True)
+    lp, ent = logprob_entropy_from_hidden(h, w, targets.to(device), temperature, chunk_size=chunk_size)
+    grads = torch.autograd.grad((g_lp.to(device) * lp + g_ent.to(device) * ent).sum(), (h, w))
+    lp, ent, (grad_h, grad_w) = lp.cpu(), ent.cpu(), (g.cpu() for g in grads)
     hr, wr = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
     ref_lp, ref_ent = logprob_entropy_reference(hr @ wr.t(), targets, temperature)
     ref_h, ref_w = torch.autograd.grad((g_lp.double() * ref_lp + g_ent.double() * ref_ent).sum(), (hr, wr))
@@ -178,13 +201,14 @@ def _check_from_hidden(hidden, weight, targets, temperature, chunk_size):
     torch.testing.assert_close(grad_w.double(), ref_w, **tol)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_from_hidden_matches_reference(dtype):
+def test_from_hidden_matches_reference(dtype, device):
     gen = torch.Generator().manual_seed(5)
     hidden = torch.randn(10, 32, generator=gen)
     weight = torch.randn(1001, 32, generator=gen) / 4
     targets = torch.randint(0, 1001, (10,), generator=gen)
-    _check_from_hidden(hidden.to(dtype), weight.to(dtype), targets, 0.7, chunk_size=3)
+    _check_from_hidden(hidden.to(dtype), weight.to(dtype), targets, 0.7, chunk_size=3, device=device)
 
 
 def test_from_hidden_memory_is_per_chunk(monkeypatch):
