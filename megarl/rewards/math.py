@@ -507,7 +507,8 @@ def _split_assignment(s: str) -> tuple[str, str] | None:
 # --------------------------------------------------------------------------------------------
 
 _INT_RE = re.compile(r"[-+]?\d+")
-_DEC_RE = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?\d+[eE][-+]?\d+")
+# Exponents of at most three digits: Fraction("1e999999999") would build a billion-digit integer.
+_DEC_RE = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+)(?:[eE][-+]?\d{1,3})?|[-+]?\d+[eE][-+]?\d{1,3}")
 _SLASH_RE = re.compile(r"([-+]?\d+)/(\d+)")
 _FRAC_RE = re.compile(r"([-+]?)\\frac\{([-+]?\d+(?:\.\d+)?)\}\{([-+]?\d+(?:\.\d+)?)\}")
 
@@ -843,6 +844,11 @@ def _equiv(pred: str, ref: str, depth: int) -> bool:
     kind_p, sp = _structure(pred)
     kind_r, sr = _structure(ref)
     if kind_p != kind_r:
+        # A one-element set is its element: "\{3\}" answers "find all solutions" with "3".
+        if kind_p == "set" and kind_r == "atom" and len(sp) == 1:
+            return _equiv(sp[0], ref, depth + 1)
+        if kind_r == "set" and kind_p == "atom" and len(sr) == 1:
+            return _equiv(pred, sr[0], depth + 1)
         return False
     if kind_p == "atom":
         return _atoms_equal(pred, ref)

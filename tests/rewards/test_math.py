@@ -107,6 +107,7 @@ EQUAL = [
     ("2516", "2516_8"),
     ("2516_{8}", "2516_8"),
     (r"\emptyset", r"\varnothing"),
+    (r"\{3\}", "3"),  # a one-element set is its element
 ]
 
 NOT_EQUAL = [
@@ -136,6 +137,8 @@ NOT_EQUAL = [
     (r"\begin{pmatrix}1\\2\end{pmatrix}", "(1,2)"),
     (r"(-\infty, 2] \cup (3, \infty)", r"(3,\infty)\cup(-\infty,2)"),
     ("", "5"),
+    (r"\{3, 4\}", "3"),
+    ("1e999999999", "1"),  # 1 * e * 999999999 in LaTeX; never a billion-digit Fraction
 ]
 
 
