@@ -849,6 +849,10 @@ def _equiv(pred: str, ref: str, depth: int) -> bool:
             return _equiv(sp[0], ref, depth + 1)
         if kind_r == "set" and kind_p == "atom" and len(sr) == 1:
             return _equiv(pred, sr[0], depth + 1)
+        # "x > 3" and "(3, \infty)" describe the same set of reals.
+        kinds = {kind_p, kind_r}
+        if "atom" in kinds and kinds & {"seq", "union"}:
+            return _relation_matches_intervals(pred, ref, kind_p, sp, kind_r, sr)
         return False
     if kind_p == "atom":
         return _atoms_equal(pred, ref)
@@ -870,6 +874,48 @@ def _equiv(pred: str, ref: str, depth: int) -> bool:
     if kind_p == "equation":
         return _atoms_equal(pred, ref)
     raise AssertionError(kind_p)
+
+
+def _interval_set(kind: str, parts):
+    """sympy set of an interval "(a, b]" or a union of intervals, or None."""
+    import sympy
+
+    pieces = [_structure(p) for p in parts] if kind == "union" else [(kind, parts)]
+    sets = []
+    for k, v in pieces:
+        if k != "seq" or len(v[1]) != 2:
+            return None
+        open_, (lo, hi), close = v
+        a, b = _parse_latex(lo), _parse_latex(hi)
+        if a is None or b is None or not isinstance(a, sympy.Expr) or not isinstance(b, sympy.Expr):
+            return None
+        _log10_size(a)
+        _log10_size(b)
+        sets.append(sympy.Interval(a, b, left_open=open_ == "(", right_open=close == ")"))
+    return sympy.Union(*sets)
+
+
+def _relation_matches_intervals(pred: str, ref: str, kind_p: str, sp, kind_r: str, sr) -> bool:
+    """An inequality in one variable (or a chain a < x < b) against intervals."""
+    import sympy
+    from sympy.core.relational import Relational
+
+    atom, (kind, parts) = (pred, (kind_r, sr)) if kind_p == "atom" else (ref, (kind_p, sp))
+    intervals = _interval_set(kind, parts)
+    rel = _parse_latex(atom)
+    if intervals is None or rel is None:
+        return False
+    relations = rel.args if isinstance(rel, sympy.And) else (rel,)
+    if not relations or not all(isinstance(r, Relational) and r.rel_op != "==" for r in relations):
+        return False
+    if len(rel.free_symbols) != 1:
+        return False
+    _log10_size(rel)
+    try:
+        as_set = rel.as_set()
+        return bool(as_set == intervals or as_set.symmetric_difference(intervals).is_empty)
+    except Exception:
+        return False
 
 
 def _unordered_equal(pred: list[str], ref: list[str], depth: int) -> bool:

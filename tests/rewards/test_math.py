@@ -108,6 +108,8 @@ EQUAL = [
     ("2516_{8}", "2516_8"),
     (r"\emptyset", r"\varnothing"),
     (r"\{3\}", "3"),  # a one-element set is its element
+    (r"(3, \infty)", "x > 3"),  # an inequality and its solution interval
+    (r"1 < x \le 2", "(1, 2]"),
 ]
 
 NOT_EQUAL = [
@@ -138,7 +140,8 @@ NOT_EQUAL = [
     (r"(-\infty, 2] \cup (3, \infty)", r"(3,\infty)\cup(-\infty,2)"),
     ("", "5"),
     (r"\{3, 4\}", "3"),
-    ("1e999999999", "1"),  # 1 * e * 999999999 in LaTeX; never a billion-digit Fraction
+    ("1e999999999", "1"),
+    (r"[3, \infty)", "x > 3"),  # 1 * e * 999999999 in LaTeX; never a billion-digit Fraction
 ]
 
 
