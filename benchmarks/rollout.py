@@ -3,6 +3,7 @@
     python benchmarks/rollout.py                 # 32 prompts x 128 new tokens, SmolLM2-135M fp32
     python benchmarks/rollout.py --quick         # 4 prompts x 8 tokens (smoke run)
     python benchmarks/rollout.py --megatron-static   # also megatron-core's StaticInferenceEngine
+    python benchmarks/rollout.py --tp-sampling   # only: TP=2 next-token sampling, gather vs gather-free
 
 The prompts are the first MATH500 problems in SmolLM2's chat template (lengths vary, so both
 engines left-pad). Both engines decode greedily with EOS ignored, so each produces exactly
@@ -120,6 +121,56 @@ def megatron_static_runner(chunks, spec, tokenizer, prompts, new_tokens: int):
     return run
 
 
+def _tp_sampling_worker(rank: int, world: int, port: int, batch: int, vocab: int, threads: int, queue) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from megarl.rollout.sampling import sample_vocab_parallel
+
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(rank)
+    local = vocab // world
+    logits = 4 * torch.randn(batch, local, generator=g)
+    u = torch.rand(batch, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for label, t, k, p in (("greedy", 0.0, 0, 1.0), ("T=1", 1.0, 0, 1.0), ("T=0.6, top-k 50", 0.6, 50, 1.0),
+                           ("T=0.6, top-p 0.95", 0.6, 0, 0.95)):
+        times = {}
+        for method in ("gather", "gather_free", "gather", "gather_free"):
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                sample_vocab_parallel(logits, u, t, k, p, dist.group.WORLD, method)
+            times.setdefault(method, []).append((time.perf_counter() - t0) / 20 * 1e3)
+        rows.append((label, min(times["gather"]), min(times["gather_free"])))
+    if rank == 0:
+        queue.put(rows)
+    dist.destroy_process_group()
+
+
+def tp_sampling_bench(batch: int, vocab: int, threads: int) -> None:
+    """ms per next-token draw at TP=2 (two gloo processes on this machine) for both methods."""
+    import torch.multiprocessing as mp
+
+    from megarl.parallel.groups import free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_tp_sampling_worker, args=(r, 2, port, batch, vocab, threads, queue)) for r in range(2)]
+    for pr in procs:
+        pr.start()
+    rows = queue.get(timeout=600)
+    for pr in procs:
+        pr.join()
+    print(f"TP=2 next-token sampling, {batch} rows x {vocab} vocab (float32, gloo, {threads} thread(s) per rank)")
+    print("| sampling | gather ms | gather-free ms | gather / gather-free |")
+    print("|---|---:|---:|---:|")
+    for label, a, b in rows:
+        print(f"| {label} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -129,8 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="4 prompts x 8 tokens, one run each")
     parser.add_argument("--megatron-static", action="store_true",
                         help="also time megatron-core's StaticInferenceEngine (legacy) on the same batch")
-    parser.add_argument("--tp-sampling", default="gather_free")
+    parser.add_argument("--tp-sampling", action="store_true",
+                        help="only measure TP=2 vocab-parallel sampling (gather vs gather-free) and exit")
     args = parser.parse_args(argv)
+    if args.tp_sampling:
+        tp_sampling_bench(args.batch, 49152, 1)
+        return 0
     if args.quick:
         args.batch, args.new_tokens, args.repeats = 4, 8, 1
 
@@ -161,8 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         chunks = build_model(spec, layout, groups=groups)
         load_hf_state_into(chunks, spec, layout, iter_safetensors(path))
         engine = MegatronEngine(chunks, spec, layout, groups, tokenizer, eos_token_ids=(),
-                                max_batch=args.batch, max_seq_len=max(lens) + args.new_tokens,
-                                tp_sampling=args.tp_sampling)
+                                max_batch=args.batch, max_seq_len=max(lens) + args.new_tokens)
         hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
         runners = {"transformers": lambda: run_hf(hf, tokenizer, prompts, args.new_tokens),

@@ -182,6 +182,35 @@ def test_prompts(vocab: int = VOCAB, seed: int = 3) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (5, 9, 3, 12, 7)]
 
 
+def sampling_function_check(groups) -> list[dict]:
+    """sample_vocab_parallel (both methods) on TP shards vs `sample` on the whole vocabulary,
+    including padded (lowest-value) entries and a top-p nucleus larger than the candidates."""
+    from megarl.rollout import sampling
+
+    vocab = 4096
+    g = torch.Generator().manual_seed(0)
+    full = 3 * torch.randn(64, vocab, generator=g)
+    full[:, vocab - 100:] = torch.finfo(torch.float32).min
+    u = torch.rand(64, generator=g)
+    local = vocab // groups.layout.tp
+    shard = full[:, groups.tp_rank * local:(groups.tp_rank + 1) * local].contiguous()
+    out = []
+    for t, k, p in ((0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 20, 1.0), (0.7, 20, 0.8), (0.7, 0, 0.9), (3.0, 0, 0.95)):
+        want = sampling.sample(full, u, t, k, p)
+        rec = dict(case=f"T={t} top_k={k} top_p={p}")
+        for method in sampling.SAMPLING_METHODS:
+            got = sampling.sample_vocab_parallel(shard, u, t, k, p, groups.tp_group, method)
+            rec[method + "_equal"] = bool(torch.equal(got[0], want[0]))
+            rec[method + "_lp_diff"] = (got[1] - want[1]).abs().max().item()
+        # the candidate prefilter for top-p equals a full sort
+        saved, sampling.NUCLEUS_CANDIDATES = sampling.NUCLEUS_CANDIDATES, 10**9
+        rec["prefilter_equal"] = bool(torch.equal(sampling.sample(full, u, t, k, p)[0], want[0]))
+        sampling.NUCLEUS_CANDIDATES = saved
+        rec["padded_drawn"] = bool((want[0] >= vocab - 100).any())
+        out.append(rec)
+    return out
+
+
 def layout_name(layout) -> str:
     name = f"tp{layout.tp}pp{layout.pp}"
     if layout.vpp:
@@ -244,6 +273,8 @@ def main() -> int:
         a = engine.generate(prompts[:2], SamplingParams(temperature=1.0, max_new_tokens=4))
         b = engine.generate(prompts[:2], SamplingParams(temperature=1.0, max_new_tokens=4))
         rec["unseeded"] = [[c.token_ids for c in a], [c.token_ids for c in b]]
+        if layout_name(layout) == "tp2pp1":
+            rec["sampling_fn"] = sampling_function_check(groups)
         rec["sp_restored"] = bool(chunks[0].config.sequence_parallel) == layout.sequence_parallel
         rec["training_restored"] = all(c.training for c in chunks)
         rec["seconds"] = round(time.time() - t0, 2)

@@ -150,6 +150,8 @@ def test_seeded_sampling_is_reproducible(world):
     c = engine.generate(PROMPTS, SamplingParams(n=3, temperature=1.0, max_new_tokens=8, seed=8))
     ids = lambda out: [x.token_ids for x in out]  # noqa: E731
     assert ids(a) == ids(b) and [x.logprobs for x in a] == [x.logprobs for x in b]
+    # each completion has its own stream: batching (waves, compaction) does not change it
+    assert ids(make_engine(world, max_batch=2, compact_below=1.0).generate(PROMPTS, sp)) == ids(a)
     assert ids(a) != ids(c)
     assert len({tuple(x.token_ids) for x in a[:3]}) > 1  # the n samples of a prompt differ
     # no seed: every call draws afresh (from the engine's base seed and call counter)
@@ -319,6 +321,12 @@ def test_distributed_layouts(distributed):
             assert r["logprob_diff_between_methods"] < 1e-5, where
         assert r["unseeded"][0] != r["unseeded"][1], where
         assert r["sp_restored"] and r["training_restored"], where
+    checks = [c for r in recs if "sampling_fn" in r for c in r["sampling_fn"]]
+    assert len(checks) == 6 * 4  # tp2pp1: every rank
+    for c in checks:
+        assert c["gather_equal"] and c["gather_free_equal"] and c["prefilter_equal"], c
+        assert c["gather_lp_diff"] < 1e-5 and c["gather_free_lp_diff"] < 1e-5, c
+        assert not c["padded_drawn"], c
     # every rank of a model-parallel group returned the same unseeded draws
     for layout in layouts:
         group = [r for r in recs if r["layout"] == layout]
