@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -39,7 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args._main(args) or 0)
+    try:
+        return int(args._main(args) or 0)
+    except ValueError as exc:
+        # User errors (bad recipe keys, files, flags) are ValueErrors with a message that names
+        # the culprit: print it without a traceback. MEGARL_DEBUG=1 shows the traceback.
+        if os.environ.get("MEGARL_DEBUG") == "1":
+            raise
+        print(f"megarl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

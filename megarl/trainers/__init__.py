@@ -1,0 +1,1 @@
+"""Training loops composed of models, rollout, rewards and algorithms: RL (GRPO/PPO family) and SFT."""

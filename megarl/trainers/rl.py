@@ -1,0 +1,358 @@
+"""The RL training loop (GRPO / Dr.GRPO / RLOO / REINFORCE++ on megatron-core).
+
+    for step:
+        prompts   <- the next prompts_per_step records (this DP rank's share)
+        rollout   <- engine.generate(prompts, n per prompt)          (the actor's own weights)
+        rewards   <- weighted sum of reward terms (verifier, format, HAPO)
+        old/ref   <- log-probs of the rollouts under the actor (and the reference)
+        adv       <- ADVANTAGE_ESTIMATORS[estimator](rollouts, rewards)
+        update    <- for epoch, for mini-batch: actor loss over micro-batches, optimizer step
+        (sync)    <- nothing to copy: the in-process engine runs on the trained parameters
+        metrics, held-out evaluation, checkpoint
+
+Run it with `megarl train RECIPE.yaml [key=value ...]` (see megarl/commands/train.py): every
+process of the SPMD world runs `train(cfg)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megarl.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs
+from megarl.algorithms.losses import apply_kl_penalty, compute_actor_loss, count_tokens_and_seqs
+from megarl.trainers.config import RLConfig
+
+# Metrics produced on the last pipeline stage by the actor loss; summed over micro-batches and
+# DP ranks (each is normalised by global counts), in this fixed order so ranks can all-reduce.
+_LOSS_KEYS = ("pg_loss", "clip_frac", "approx_kl", "ratio_mean", "entropy", "kl_loss")
+
+
+@dataclass
+class RolloutBatch:
+    """One step's rollouts on this rank, as padded tensors.
+
+    input_ids [B, S]: prompt + response + padding; targets [B, S]: input_ids shifted left;
+    response_mask [B, S]: 1 where targets[b, s] is a response token (so logits at s predict it).
+    """
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    response_mask: torch.Tensor
+    response_lengths: torch.Tensor  # [B]
+    truncated: torch.Tensor  # [B] bool: stopped by max_new_tokens
+
+
+def build_batch(prompt_ids: list[list[int]], completions, pad_id: int, n: int) -> RolloutBatch:
+    seqs, starts, lengths, truncated = [], [], [], []
+    for i, c in enumerate(completions):
+        p = prompt_ids[i // n]
+        seqs.append(list(p) + list(c.token_ids))
+        starts.append(len(p))
+        lengths.append(len(c.token_ids))
+        truncated.append(c.finish_reason == "length")
+    S = max(len(s) for s in seqs)
+    B = len(seqs)
+    ids = torch.full((B, S), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, S), dtype=torch.float32)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        # logits at position t predict token t+1: response tokens sit at [start, start+len)
+        mask[b, starts[b] - 1 : starts[b] - 1 + lengths[b]] = 1.0
+    targets = torch.full_like(ids, pad_id)
+    targets[:, :-1] = ids[:, 1:]
+    return RolloutBatch(ids, targets, mask, torch.tensor(lengths), torch.tensor(truncated))
+
+
+def microbatches(batch: RolloutBatch, rows: torch.Tensor, size: int, **per_token: torch.Tensor | None) -> list[dict]:
+    """Micro-batch dicts over `rows` of the batch, with extra per-row tensors sliced alongside."""
+    out = []
+    S = batch.input_ids.shape[1]
+    pos = torch.arange(S).unsqueeze(0)
+    for i in range(0, len(rows), size):
+        r = rows[i : i + size]
+        mb = {
+            "input_ids": batch.input_ids[r],
+            "position_ids": pos.expand(len(r), S),
+            "targets": batch.targets[r],
+            "mask": batch.response_mask[r],
+        }
+        for k, v in per_token.items():
+            if v is not None:
+                mb[k] = v[r]
+        out.append(mb)
+    return out
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _tokens_logprobs(logits: torch.Tensor, mb: dict, temperature: float, tp_group):
+    from megarl.ops import logprob_entropy
+
+    b, s, v = logits.shape
+    tp = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
+    logp, ent = logprob_entropy(logits.reshape(b * s, v), mb["targets"].reshape(-1), temperature, tp)
+    return logp.view(b, s), ent.view(b, s)
+
+
+def forward_logprobs(chunks, mbs: list[dict], temperature: float, groups) -> torch.Tensor | None:
+    """[B, S] log-probs of the targets (last pipeline stage; None elsewhere)."""
+    from megarl.trainers.megatron_train import run_microbatches
+
+    def loss_fn(mb, logits):
+        logp, _ = _tokens_logprobs(logits.float(), mb, temperature, groups.tp_group)
+        return logits.new_zeros(()), {"logp": logp.detach()}
+
+    for c in chunks:
+        c.eval()
+    out = run_microbatches(chunks, mbs, loss_fn, dp=groups.dp, forward_only=True)
+    return torch.cat([o["logp"] for o in out]) if out else None
+
+
+def _reduce_mean(values: list[float], group) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, group=group)
+    return (t / dist.get_world_size(group)).tolist()
+
+
+def train(cfg: RLConfig, overrides_text: str = "") -> dict:
+    from transformers import AutoTokenizer
+
+    from megarl.config import dump_config
+    from megarl.models.builder import build_model
+    from megarl.models.hf_config import arch_spec
+    from megarl.models.mappings import iter_safetensors, load_hf_state_into
+    from megarl.parallel.groups import ParallelLayout, init_distributed, init_parallel
+    from megarl.rollout import SamplingParams
+    from megarl.rollout.megatron_engine import MegatronEngine
+    from megarl.trainers import checkpoint as ckpt
+    from megarl.trainers.data import PromptStream, load_prompt_records, render_prompt, resolve_model_dir
+    from megarl.trainers.megatron_train import optimizer_step, run_microbatches, wrap_for_training
+    from megarl.trainers.metrics import MetricsLogger
+    from megarl.trainers.rewards import RewardComputer
+
+    rank, world = init_distributed()
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    layout = ParallelLayout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp)
+    groups = init_parallel(layout, seed=cfg.train.seed)
+    dp, dp_rank = groups.dp, groups.dp_rank
+    if cfg.data.prompts_per_step % dp:
+        raise ValueError(f"data.prompts_per_step ({cfg.data.prompts_per_step}) must be divisible by data-parallel size {dp}")
+    run_dir = cfg.train.run_dir
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        dump_config(cfg, os.path.join(run_dir, "recipe.resolved.yaml"))
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+
+    # --- models -------------------------------------------------------------------------------
+    hf_dir = resolve_model_dir(cfg.model.hf_dir)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    spec = arch_spec(os.path.join(hf_dir, "config.json"))
+
+    def load_model():
+        chunks = build_model(spec, layout, dtype=dtype, groups=groups)
+        load_hf_state_into(chunks, spec, layout, iter_safetensors(hf_dir))
+        return chunks
+
+    o = cfg.optim
+    actor = wrap_for_training(load_model(), groups, lr=o.lr, weight_decay=o.weight_decay, beta1=o.beta1,
+                              beta2=o.beta2, eps=o.eps, clip_grad=o.clip_grad,
+                              use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+                              bf16=dtype == torch.bfloat16)
+    need_ref = cfg.actor.kl.placement != "none"
+    ref_chunks = None
+    if need_ref:
+        ref_chunks = load_model()
+        for c in ref_chunks:
+            c.requires_grad_(False)
+    engine = MegatronEngine(actor.modules, spec, layout, groups, tokenizer)
+
+    # --- data, rewards, state -----------------------------------------------------------------
+    train_records = load_prompt_records(cfg.data.train)
+    test_records = load_prompt_records(cfg.data.test) if cfg.data.test else []
+    if cfg.data.test_limit:
+        test_records = test_records[: cfg.data.test_limit]
+    stream = PromptStream(train_records, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
+                          indices=cfg.data.train_indices)
+    rewards = RewardComputer(cfg.reward, groups, num_prompts=len(train_records))
+    start_step = 0
+    latest = ckpt.latest(run_dir) if cfg.train.resume else None
+    if latest is not None:
+        state = ckpt.load(latest, actor, groups)
+        stream.load_state_dict(state["data"])
+        rewards.load_state_dict(state["rewards"])
+        start_step = state["step"]
+    logger = MetricsLogger(run_dir, enabled=rank == 0, total_steps=cfg.train.steps, start_step=start_step)
+    if latest is not None:
+        logger.log_text(f"resumed from {latest} at step {start_step}")
+
+    n = cfg.rollout.n
+    prompts_per_rank = cfg.data.prompts_per_step // dp
+    sampling_eval = SamplingParams(n=1, temperature=0.0,
+                                   max_new_tokens=cfg.rollout.eval_max_new_tokens or cfg.rollout.max_new_tokens)
+
+    def evaluate() -> float:
+        if not test_records:
+            return float("nan")
+        shard = test_records[dp_rank::dp]
+        correct = 0
+        bs = 64
+        for i in range(0, len(shard), bs):
+            recs = shard[i : i + bs]
+            ids = [render_prompt(tokenizer, r.prompt, cfg.data.prompt_format) for r in recs]
+            outs = engine.generate(ids, sampling_eval)
+            correct += sum(rewards.correct([c.text for c in outs], [r.answer for r in recs]))
+        t = torch.tensor([correct, len(shard)], dtype=torch.float64)
+        dist.all_reduce(t, group=groups.dp_group)
+        return float(t[0] / t[1])
+
+    results: dict = {}
+    if start_step == 0:
+        results["accuracy_before"] = evaluate()
+        logger.scalar("eval/accuracy", results["accuracy_before"], 0)
+        logger.log_text(f"held-out accuracy at step 0: {results['accuracy_before']:.3f}")
+
+    for step in range(start_step, cfg.train.steps):
+        timer = Timer()
+        # rollout ------------------------------------------------------------------------------
+        records = stream.take(cfg.data.prompts_per_step)[dp_rank * prompts_per_rank : (dp_rank + 1) * prompts_per_rank]
+        prompt_ids = [render_prompt(tokenizer, r.prompt, cfg.data.prompt_format) for r in records]
+        sampling = SamplingParams(n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                  top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
+                                  seed=cfg.train.seed * 1_000_003 + step * 1009 + dp_rank)
+        for c in actor.modules:
+            c.eval()
+        with timer("rollout"):
+            completions = engine.generate(prompt_ids, sampling)
+        batch = build_batch(prompt_ids, completions, pad_id, n)
+        B = len(completions)
+
+        # rewards ------------------------------------------------------------------------------
+        with timer("reward"):
+            answers = [r.answer for r in records for _ in range(n)]
+            prompt_index = torch.tensor([r.index for r in records for _ in range(n)])
+            scores, correct, reward_metrics = rewards(
+                [c.text for c in completions], answers, prompt_index, batch.response_lengths
+            )
+
+        # old / reference log-probs --------------------------------------------------------------
+        rows = torch.arange(B)
+        mbs = cfg.train.micro_batch_size
+        with timer("logprob"):
+            old_logp = forward_logprobs(actor.chunks, microbatches(batch, rows, mbs), cfg.rollout.temperature, groups)
+            ref_logp = (forward_logprobs(ref_chunks, microbatches(batch, rows, mbs), cfg.rollout.temperature, groups)
+                        if need_ref else None)
+
+        # advantages (on every rank: cheap, and identical across a model-parallel group) -------
+        group_ids = torch.arange(B) // n + dp_rank * prompts_per_rank
+        token_rewards = None
+        if cfg.actor.kl.placement == "reward":
+            # only the last stage has log-probs; the penalty lives in the rewards it sees
+            dense = torch.zeros_like(batch.response_mask)
+            last = (batch.response_mask.cumsum(1) == batch.response_mask.sum(1, keepdim=True)) & (batch.response_mask > 0)
+            dense[last] = scores.float()
+            token_rewards = (apply_kl_penalty(dense, old_logp, ref_logp, cfg.actor.kl.coef, cfg.actor.kl.kind)
+                             if old_logp is not None else dense)
+        adv_inputs = AdvantageInputs(
+            response_mask=batch.response_mask,
+            scores=None if token_rewards is not None else scores.float(),
+            token_rewards=token_rewards,
+            group_ids=group_ids,
+            process_group=groups.dp_group,
+        )
+        advantages = ADVANTAGE_ESTIMATORS[cfg.advantage.estimator](adv_inputs, cfg.advantage).advantages
+
+        # policy update ------------------------------------------------------------------------
+        loss_sums = torch.zeros(len(_LOSS_KEYS), dtype=torch.float64)
+        grad_norms = []
+        with timer("update"):
+            for c in actor.chunks:
+                c.train()
+            per_mini = B // cfg.train.mini_batches
+            g = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
+            for _epoch in range(cfg.train.epochs):
+                perm = torch.randperm(B, generator=g) if cfg.train.mini_batches > 1 else rows
+                for m in range(cfg.train.mini_batches):
+                    mini_rows = perm[m * per_mini : (m + 1) * per_mini]
+                    mb_list = microbatches(batch, mini_rows, mbs, old_logp=old_logp, ref_logp=ref_logp, adv=advantages)
+                    n_tok, n_seq = count_tokens_and_seqs([mb["mask"] for mb in mb_list], groups.dp_group)
+
+                    def loss_fn(mb, logits, n_tok=n_tok, n_seq=n_seq):
+                        logp, ent = _tokens_logprobs(logits.float(), mb, cfg.rollout.temperature, groups.tp_group)
+                        out = compute_actor_loss(
+                            logp, mb["old_logp"], mb["adv"], mb["mask"], cfg.actor,
+                            global_num_tokens=max(n_tok, 1), global_num_seqs=max(n_seq, 1),
+                            ref_logp_BT=mb.get("ref_logp"), entropy_BT=ent,
+                        )
+                        return out.loss, {k: out.metrics[k].detach() for k in out.metrics}
+
+                    outs = run_microbatches(actor.chunks, mb_list, loss_fn, dp=dp, forward_only=False)
+                    applied, gnorm = optimizer_step(actor)
+                    grad_norms.append(gnorm)
+                    for o_ in outs:
+                        for j, k in enumerate(_LOSS_KEYS):
+                            if k in o_:
+                                loss_sums[j] += float(o_[k])
+            num_updates = cfg.train.epochs * cfg.train.mini_batches
+
+        # weight sync: none needed. The in-process engine generates with actor.modules, the very
+        # parameters the optimizer just updated (colocated, shared storage).
+
+        # metrics ------------------------------------------------------------------------------
+        # loss metrics: only (last stage, tp rank 0) of each DP replica contributes, then SUM
+        contributes = groups.is_last_pp_stage and groups.tp_rank == 0
+        loss_t = loss_sums / num_updates if contributes else torch.zeros_like(loss_sums)
+        dist.all_reduce(loss_t)
+        L = batch.response_lengths.float()
+        roll = _reduce_mean([
+            float(scores.float().mean()), float(scores.float().std()) if B > 1 else 0.0,
+            float(torch.tensor(correct, dtype=torch.float).mean()), float(L.mean()), float(L.max()),
+            float(batch.truncated.float().mean()),
+        ], groups.dp_group)
+        gen_tokens = torch.tensor([float(L.sum())], dtype=torch.float64)
+        dist.all_reduce(gen_tokens, group=groups.dp_group)
+        metrics = {
+            "reward/mean": roll[0], "reward/std": roll[1], "reward/accuracy": roll[2],
+            "response/length_mean": roll[3], "response/length_max": roll[4], "response/truncated_frac": roll[5],
+            "actor/grad_norm": sum(grad_norms) / len(grad_norms),
+            **{f"actor/{k}": float(v) for k, v in zip(_LOSS_KEYS, loss_t.tolist())
+               if k != "kl_loss" or cfg.actor.kl.placement == "loss"},
+            **{f"reward/{k}": v for k, v in reward_metrics.items()},
+            **{f"time/{k}": v for k, v in timer.times.items()},
+            "time/step": sum(timer.times.values()),
+            "perf/rollout_tokens_per_s": float(gen_tokens[0]) / max(timer.times["rollout"], 1e-9),
+        }
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
+            metrics["eval/accuracy"] = evaluate()
+        logger.step(step + 1, metrics)
+
+        # checkpoint ---------------------------------------------------------------------------
+        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
+            ckpt.save(run_dir, step + 1, actor, groups, {"data": stream.state_dict(), "rewards": rewards.state_dict()},
+                      keep_last=cfg.train.keep_last)
+
+    results["accuracy_after"] = evaluate()
+    logger.scalar("eval/accuracy", results["accuracy_after"], cfg.train.steps)
+    logger.close()
+    rewards.close()
+    return results

@@ -1,0 +1,53 @@
+"""Rollout batches: the response mask must select exactly the logits that predict response tokens."""
+
+import torch
+
+from megarl.rollout import Completion
+from megarl.trainers.data import PromptStream, PromptRecord
+from megarl.trainers.rl import build_batch, microbatches
+
+
+def _c(i, ids, reason="stop"):
+    return Completion(prompt_index=i, token_ids=ids, text="", logprobs=None, finish_reason=reason)
+
+
+def test_build_batch_aligns_targets_and_mask():
+    prompts = [[10, 11, 12], [20]]
+    comps = [_c(0, [1, 2]), _c(0, [3]), _c(1, [4, 5, 6], "length"), _c(1, [7])]
+    b = build_batch(prompts, comps, pad_id=0, n=2)
+    assert b.input_ids.tolist() == [[10, 11, 12, 1, 2], [10, 11, 12, 3, 0], [20, 4, 5, 6, 0], [20, 7, 0, 0, 0]]
+    # every masked position's target is a response token, in order, and nothing else is masked
+    for row, comp in enumerate(comps):
+        picked = b.targets[row][b.response_mask[row].bool()].tolist()
+        assert picked == comp.token_ids
+    assert b.response_lengths.tolist() == [2, 1, 3, 1]
+    assert b.truncated.tolist() == [False, False, True, False]
+
+
+def test_microbatches_slice_rows_consistently():
+    prompts = [[1, 2], [3, 4]]
+    comps = [_c(0, [5]), _c(0, [6, 7]), _c(1, [8]), _c(1, [9])]
+    b = build_batch(prompts, comps, pad_id=0, n=2)
+    adv = torch.arange(4.0)[:, None].expand(4, b.input_ids.shape[1])
+    mbs = microbatches(b, torch.tensor([3, 1, 0, 2]), 2, adv=adv, old_logp=None)
+    assert [mb["adv"][:, 0].tolist() for mb in mbs] == [[3.0, 1.0], [0.0, 2.0]]
+    assert "old_logp" not in mbs[0]
+    assert all(mb["position_ids"].shape == mb["input_ids"].shape for mb in mbs)
+
+
+def test_prompt_stream_resumes_exactly():
+    recs = [PromptRecord(prompt=str(i), answer=str(i), index=i) for i in range(5)]
+    a = PromptStream(recs, seed=3, shuffle=True)
+    first = [r.index for r in a.take(7)]
+    state = a.state_dict()
+    rest = [r.index for r in a.take(6)]
+    b = PromptStream(recs, seed=3, shuffle=True)
+    b.load_state_dict(state)
+    assert [r.index for r in b.take(6)] == rest
+    assert sorted(first[:5]) == list(range(5))  # each epoch is a permutation
+
+
+def test_prompt_stream_indices_select_records():
+    recs = [PromptRecord(prompt=str(i), answer=str(i), index=i) for i in range(5)]
+    s = PromptStream(recs, seed=0, shuffle=True, indices=(3,))
+    assert [r.index for r in s.take(4)] == [3, 3, 3, 3]
