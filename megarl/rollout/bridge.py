@@ -55,7 +55,7 @@ from megarl.rollout.engine import SamplingParams
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ALIGN = 64  # bytes: every tensor in a packed bucket starts at a multiple of this
-_CHECK_BLOCK = 64  # int64 words per block of the position-weighted checksum
+_CHECK_BLOCK = 1024  # int64 words (8 KiB) per block of the position-weighted checksum
 
 
 class WeightSyncError(RuntimeError):
@@ -172,29 +172,35 @@ class SyncReport:
 
 
 def _checksum_words(t: torch.Tensor) -> torch.Tensor:
-    """[2] int64 (sum, block-position-weighted sum) of the tensor's bytes read as int64 words.
+    """[2] int64 (sum, position-weighted sum) of the tensor's bytes read as int64 words.
 
     Integer sums wrap modulo 2**64, so the result does not depend on reduction order (same on
-    CPU and GPU, any thread count); the weighted sum catches data moved between 512-byte blocks
-    (a permuted layout), the plain sum any other change.
+    CPU and GPU, any thread count). The weighted sum weights every word of a small tensor by
+    its index and, for larger ones, every 8 KiB block's sum by the block index: data moved to
+    another place (a permuted layout) changes it, any other change moves the plain sum.
+    One read of the tensor, at about half the cost of copying it.
     """
-    flat = t.detach().reshape(-1)
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
-    nbytes = flat.numel() * flat.element_size()
-    if nbytes == 0:
-        return torch.zeros(2, dtype=torch.int64, device=flat.device)
-    raw = flat.view(torch.uint8)
+    raw = t.detach().contiguous().view(-1).view(torch.uint8)
+    nbytes = raw.numel()
     whole = nbytes // 8 * 8
-    if whole and raw.storage_offset() % 8:
+    if raw.storage_offset() % 8:
         raw = raw.clone()
     words = raw[:whole].view(torch.int64)
-    tail = raw[whole:].to(torch.int64)
-    full = words.numel() // _CHECK_BLOCK * _CHECK_BLOCK
-    rows = words[:full].view(-1, _CHECK_BLOCK).sum(1)
-    rest = words[full:].sum() + (tail * 257 ** torch.arange(tail.numel(), device=tail.device)).sum()
-    weights = torch.arange(1, rows.numel() + 1, dtype=torch.int64, device=rows.device)
-    return torch.stack([rows.sum() + rest, (rows * weights).sum() + rest * (rows.numel() + 1)])
+    n = words.numel()
+    if n > _CHECK_BLOCK:
+        full = n // _CHECK_BLOCK * _CHECK_BLOCK
+        parts = words[:full].view(-1, _CHECK_BLOCK).sum(1)
+        if full < n:
+            parts = torch.cat([parts, words[full:].sum().view(1)])
+    else:
+        parts = words
+    weights = torch.arange(1, parts.numel() + 1, dtype=torch.int64, device=parts.device)
+    out = torch.stack([parts.sum(), (parts * weights).sum()])
+    if whole < nbytes:  # a few bytes that do not fill a word (e.g. 7 bf16 values)
+        tail = raw[whole:].to(torch.int64)
+        pos = torch.arange(1, tail.numel() + 1, dtype=torch.int64, device=tail.device)
+        out = out + torch.stack([tail.sum(), (tail * pos).sum() * 1000003])
+    return out
 
 
 def tensor_checksum(t: torch.Tensor) -> str:
@@ -409,7 +415,8 @@ class WeightBridge:
     def add_transit_hook(self, fn: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[], None]:
         """fn(bucket) is called on every bucket just before the engine gets it (after the
         sending checksums): for instrumentation and for tests that corrupt a bucket in transit.
-        Returns a function that removes the hook."""
+        Bucket tensors may be views of the trainer's parameters: a hook replaces entries, it
+        never writes into them. Returns a function that removes the hook."""
         self._transit_hooks.append(fn)
         return lambda: self._transit_hooks.remove(fn)
 
@@ -499,7 +506,9 @@ class WeightBridge:
         for e in bucket.entries:
             shards = self._shards(e, report)
             t = time.perf_counter()
-            out = [(n, x.to(self.send_dtype)) for n, x in mcore_to_hf(self.spec, e.mcore, shards, self.head)]
+            # views=True: at TP1 the HF tensors are views of the trainer's parameters (no copy)
+            out = [(n, x.to(self.send_dtype))
+                   for n, x in mcore_to_hf(self.spec, e.mcore, shards, self.head, views=True)]
             del shards
             report.convert_s += time.perf_counter() - t
             assert [n for n, _ in out] == [n for n, _ in e.hf], (out, e.hf)
