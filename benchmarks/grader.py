@@ -16,11 +16,11 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,33 +45,34 @@ def percentile(values, q: float) -> float:
     return v[min(len(v) - 1, int(q * len(v)))]
 
 
-def hostile_items(n: int) -> list[tuple[str, str]]:
-    """n hostile (response, answer) pairs; each unique so that no cache absorbs the work."""
+def hostile_items(n: int) -> list[tuple[str, str, str]]:
+    """n hostile (category, response, answer) triples; each unique so no cache absorbs the work."""
     makers = [
-        lambda k: (r"\boxed{2^{2^{2^{2^{2^{" + str(k % 7 + 2) + "}}}}}}", "4"),
-        lambda k: (r"The answer is $9^{9^{" + str(9 + k % 5) + "}}$.", "4"),
-        lambda k: (r"\boxed{(" + str(k + 10) + "^{10})!}", "4"),
-        lambda k: (r"\boxed{(x+" + str(k) + ")^{100000}}", "4"),
-        lambda k: (r"\boxed{" + "{" * 10_000 + str(k) + "}" * 10_000 + "}", "4"),
-        lambda k: (r"\boxed{" + "(" * 400 + str(k) + ")" * 400 + "}", "4"),
-        lambda k: (r"\boxed{" + r"\frac{1}{" * 60 + str(k) + "}" * 60 + "}", "4"),
-        lambda k: (r"so \boxed{\frac{" + str(k) + "}{1}", "4"),
-        lambda k: ("\x00\\boxed{\x00" + str(k) + "\x00}\x00" * 200, "4"),
-        lambda k: (r"\boxed{" * 2000 + str(k), "4"),
-        lambda k: ("final answer is 4 " * 5000 + str(k), "4"),
-        lambda k: (r"\boxed{e^{e^{e^{" + str(k + 100) + "}}}}", "4"),
+        ("power tower", lambda k: r"\boxed{2^{2^{2^{2^{2^{" + str(k % 7 + 2) + "}}}}}}"),
+        ("9^9^9", lambda k: r"The answer is $9^{9^{" + str(9 + k % 5) + "}}$."),
+        ("huge factorial", lambda k: r"\boxed{(" + str(k + 10) + "^{10})!}"),
+        ("symbolic power", lambda k: r"\boxed{(x+" + str(k) + ")^{100000}}"),
+        ("10,000 nested braces", lambda k: r"\boxed{" + "{" * 10_000 + str(k) + "}" * 10_000 + "}"),
+        ("400 nested parens", lambda k: r"\boxed{" + "(" * 400 + str(k) + ")" * 400 + "}"),
+        ("60 nested fractions", lambda k: r"\boxed{" + r"\frac{1}{" * 60 + str(k) + "}" * 60 + "}"),
+        ("unbalanced braces", lambda k: r"so \boxed{\frac{" + str(k) + "}{1}"),
+        ("NUL bytes", lambda k: "\x00\\boxed{\x00" + str(k) + "\x00}\x00" * 200),
+        ("2,000 unclosed boxes", lambda k: r"\boxed{" * 2000 + str(k)),
+        ("5,000 'final answer is'", lambda k: "final answer is 4 " * 5000 + str(k)),
+        ("exp tower", lambda k: r"\boxed{e^{e^{e^{" + str(k + 100) + "}}}}"),
     ]
     items = []
     for k in range(n):
         if k % 1000 == 999:
             # A sum sympy evaluates term by term for tens of seconds: only the timeout stops it.
-            items.append((r"\boxed{\sum_{n=1}^{" + str(10_000_000 + k) + r"} \sin(n)}", "4"))
+            items.append(("slow sum (past the guards)", r"\boxed{\sum_{n=1}^{" + str(10_000_000 + k) + r"} \sin(n)}", "4"))
         elif k % 100 == 50:
-            items.append(("4 " * 500_000 + str(k), "4"))  # 1 MB, no final answer
+            items.append(("1 MB, no answer", "4 " * 500_000 + str(k), "4"))
         elif k % 100 == 51:
-            items.append((r"\boxed{" + "4+" * 500_000 + str(k) + "}", "4"))  # 1 MB boxed
+            items.append(("1 MB boxed", r"\boxed{" + "4+" * 500_000 + str(k) + "}", "4"))
         else:
-            items.append(makers[k % len(makers)](k))
+            name, make = makers[k % len(makers)]
+            items.append((name, make(k), "4"))
     return items
 
 
@@ -148,6 +149,8 @@ def main(argv=None) -> int:
     print("| after items | wall s | max latency s | timeouts | crashes | too_complex | workers replaced | pool RSS MB (zygote + workers) | parent RSS MB |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rss_samples = []
+    by_category: dict[str, collections.Counter] = {}
+    worst: dict[str, float] = {}
     answered = 0
     wrongly_correct = 0
     max_latency = 0.0
@@ -158,7 +161,10 @@ def main(argv=None) -> int:
         batch = 500
         for start in range(0, len(items), batch):
             chunk = items[start:start + batch]
-            results = pool.grade_batch([c[0] for c in chunk], [c[1] for c in chunk])
+            results = pool.grade_batch([c[1] for c in chunk], [c[2] for c in chunk])
+            for (category, _, _), r, lat in zip(chunk, results, pool.last_batch_latencies_s):
+                by_category.setdefault(category, collections.Counter())[r.reason] += 1
+                worst[category] = max(worst.get(category, 0.0), lat)
             answered += len(results)
             wrongly_correct += sum(r.correct for r in results)
             max_latency = max(max_latency, max(pool.last_batch_latencies_s))
@@ -174,6 +180,11 @@ def main(argv=None) -> int:
           f"max latency {max_latency:.2f} s (timeout {args.timeout} s); "
           f"pool RSS {rss_start:.0f} MB at start, max {max(rss_samples):.0f} MB, {rss_samples[-1]:.0f} MB at end; "
           f"errors {s.errors}, over memory {s.memory_errors}")
+    print("\n| hostile input | items | reasons | max latency s |")
+    print("|---|---:|---|---:|")
+    for category, reasons in by_category.items():
+        print(f"| {category} | {sum(reasons.values())} | "
+              f"{', '.join(f'{k} {v}' for k, v in reasons.most_common())} | {worst[category]:.2f} |")
     print(f"machine load average {os.getloadavg()[0]:.1f} at end")
     return 0 if hangs == 0 and wrongly_correct == 0 else 1
 

@@ -273,6 +273,8 @@ class GraderPool:
                 [sys.executable, "-c", _ZYGOTE_CMD, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
+                # Whatever a parser prints goes to stderr: stdout may be `megarl grade`'s output.
+                stdout=2,
             )
         finally:
             theirs.close()
