@@ -59,13 +59,15 @@ def gae_reference(
     next_value = r.new_zeros(B)
     last_adv = r.new_zeros(B)
     zero = r.new_zeros(())
+    # unbind once: indexing r[:, t] in the loop would make the backward O(B * T^2)
+    r_cols, v_cols, valid_cols = r.unbind(1), v.unbind(1), valid.unbind(1)
     columns = []
     for t in reversed(range(T)):
-        delta = r[:, t] + gamma * next_value - v[:, t]
+        delta = r_cols[t] + gamma * next_value - v_cols[t]
         adv_t = delta + gamma * lam * last_adv
-        next_value = torch.where(valid[:, t], v[:, t], next_value)
-        last_adv = torch.where(valid[:, t], adv_t, last_adv)
-        columns.append(torch.where(valid[:, t], adv_t, zero))
+        next_value = torch.where(valid_cols[t], v_cols[t], next_value)
+        last_adv = torch.where(valid_cols[t], adv_t, last_adv)
+        columns.append(torch.where(valid_cols[t], adv_t, zero))
     advantages = torch.stack(columns[::-1], dim=1) if columns else r.new_zeros(B, 0)
     returns = advantages + v
     return advantages.to(rewards.dtype), returns.to(rewards.dtype)
