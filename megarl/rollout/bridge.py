@@ -89,8 +89,8 @@ class BridgeConfig:
     checksum: bool = True
     dtype: str | None = None
     fast_path: bool = True
-    probe_sequences: int = 4
-    probe_length: int = 24
+    probe_sequences: int = 2
+    probe_length: int = 16
     probe_seed: int = 1234
     probe_new_tokens: int = 8
     probe_mode: str = "auto"
@@ -286,6 +286,13 @@ def _padded(nbytes: int) -> int:
 # ---- engine adapters --------------------------------------------------------------------------------
 
 
+def _unwrap(chunk):
+    """The GPTModel inside megatron's wrappers (DDP and Float16Module keep it in `.module`)."""
+    while not hasattr(chunk, "megarl_head") and hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 def _hf_module(engine) -> torch.nn.Module | None:
     model = getattr(engine, "model", None)
     if isinstance(model, torch.nn.Module) and hasattr(model, "get_parameter"):
@@ -295,8 +302,10 @@ def _hf_module(engine) -> torch.nn.Module | None:
 
 def _megatron_chunks(engine) -> list | None:
     chunks = getattr(engine, "chunks", None)
-    if isinstance(chunks, (list, tuple)) and chunks and getattr(chunks[0], "megarl_head", None) is not None:
-        return list(chunks)
+    if isinstance(chunks, (list, tuple)) and chunks:
+        chunks = [_unwrap(c) for c in chunks]
+        if getattr(chunks[0], "megarl_head", None) is not None:
+            return chunks
     return None
 
 
@@ -347,7 +356,7 @@ class WeightBridge:
         from megarl.models.mappings import find_mcore, normalize_mcore_name, to_global_name
 
         self.config = config or BridgeConfig()
-        chunks = list(model_chunks)
+        chunks = [_unwrap(c) for c in model_chunks]
         if not chunks:
             raise ValueError("WeightBridge: no model chunks")
         head = getattr(chunks[0], "megarl_head", None)
