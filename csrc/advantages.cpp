@@ -23,8 +23,10 @@
 namespace megarl {
 namespace {
 
-// Rows shorter than this are batched into one task: a thread start costs more than a short row.
-constexpr int64_t kElementsPerTask = 32768;
+// Elements per parallel task (~0.1-0.3 ms of work): finer tasks cost more in thread wake-ups
+// than they save, and stall badly when ranks oversubscribe the cores (the CPU demo runs several
+// ranks per core pair).
+constexpr int64_t kElementsPerTask = 1 << 17;
 
 int64_t row_grain(int64_t T) { return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(T, 1)); }
 
@@ -239,7 +241,7 @@ void group_advantages_kernel(const scalar_t* scores, const int64_t* ids, scalar_
       batch_inv_std = 1.0 / std::sqrt(var + eps);
     }
   }
-  at::parallel_for(0, N, 16384, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, N, kElementsPerTask, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int32_t g = group_of[i];
       const int64_t n = count[g];
