@@ -8,7 +8,8 @@ HELP = "evaluate a model on math benchmarks (greedy pass@1, avg@k, pass@k, maj@k
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="a Hugging Face model directory (config.json, weights, tokenizer)")
+    parser.add_argument("--model", required=True,
+                        help="a Hugging Face model directory, or a megarl checkpoint directory (converted on the fly)")
     parser.add_argument("--benchmarks", required=True,
                         help="comma-separated names: math500, aime24, aime25, amc23, minerva_math, olympiadbench, "
                              "gsm8k_test, gsm8k_train, dsr_sub, arith_test (alias arith), arith_train")
@@ -30,18 +31,26 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-samples", action="store_true", help="do not write samples.jsonl")
 
 
-def _model_dir(path_str: str):
+def _model_source(path_str: str):
+    """("hf", dir) for a Hugging Face model directory, ("mcore", dir) for a megarl checkpoint."""
+    import json
     from pathlib import Path
+
+    from megarl.models.checkpoint import MANIFEST, is_mcore_checkpoint
 
     path = Path(path_str)
     if not path.exists():
         raise ValueError(f"--model {path}: no such directory")
     if path.is_dir() and (path / "config.json").is_file():
-        return path
+        return "hf", path
+    if path.is_dir() and is_mcore_checkpoint(path):
+        head = json.loads((path / MANIFEST).read_text()).get("head")
+        if head != "lm":
+            raise ValueError(f"--model {path}: a megarl checkpoint with a {head!r} head; evaluation needs a language model ('lm')")
+        return "mcore", path
     raise ValueError(
         f"--model {path}: expected a Hugging Face model directory (config.json, *.safetensors, "
-        f"tokenizer files). megarl training checkpoints are not readable here yet: convert one "
-        f"to a Hugging Face directory first"
+        f"tokenizer files) or a megarl checkpoint directory (with {MANIFEST})"
     )
 
 
@@ -54,7 +63,7 @@ def main(args) -> int:
     from megarl.rewards.tir import TIRConfig
 
     try:
-        model_dir = _model_dir(args.model)
+        kind, model_dir = _model_source(args.model)
         config = EvalConfig(
             benchmarks=tuple(b.strip() for b in args.benchmarks.split(",") if b.strip()),
             limit=args.limit,
@@ -72,15 +81,27 @@ def main(args) -> int:
         print(f"megarl eval: error: {e}", file=sys.stderr)
         return 2
 
+    import tempfile
+
     import torch
 
     from megarl.rollout.hf_engine import HFEngine
 
     out = Path(args.out) if args.out else Path("runs") / "eval" / f"{model_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    engine = HFEngine(model_dir, dtype=getattr(torch, args.dtype), device=args.device, max_batch_size=args.batch_size)
-    results, samples = run_eval(
-        engine, engine.tokenizer, config, model=str(model_dir), log=lambda msg: print(msg, flush=True)
-    )
+    with tempfile.TemporaryDirectory(prefix="megarl-eval-") as scratch:
+        hf_dir = model_dir
+        if kind == "mcore":
+            from megarl.models.convert import mcore_to_hf_dir
+
+            # The engine reads HF layout: convert (any tp/pp) into a throwaway HF directory.
+            hf_dir = Path(scratch) / "hf"
+            print(f"[eval] converting megarl checkpoint {model_dir} to an HF directory", flush=True)
+            mcore_to_hf_dir(model_dir, hf_dir, progress=False)
+        engine = HFEngine(hf_dir, dtype=getattr(torch, args.dtype), device=args.device, max_batch_size=args.batch_size)
+        results, samples = run_eval(
+            engine, engine.tokenizer, config, model=str(model_dir), log=lambda msg: print(msg, flush=True)
+        )
+    results["model_format"] = "megarl checkpoint (converted to HF)" if kind == "mcore" else "hf"
     results["engine"] = "hf"
     results["device"] = args.device
     results["dtype"] = args.dtype

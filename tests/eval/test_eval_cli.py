@@ -65,12 +65,30 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "results.md" in capsys.readouterr().out
 
 
+def test_cli_reads_megarl_checkpoints(tmp_path):
+    from megarl.models.convert import hf_to_mcore_dir
+
+    model = make_tiny_model(tmp_path / "tiny")
+    hf_to_mcore_dir(model, tmp_path / "mcore", tp=2, pp=1, progress=False)
+    for source in ("tiny", "mcore"):
+        argv = ["eval", "--model", str(tmp_path / source), "--benchmarks", "math500", "--limit", "2",
+                "--max-new-tokens", "3", "--out", str(tmp_path / f"out-{source}"), "--grader-workers", "1"]
+        assert cli_main(argv) == 0
+    hf, mcore = ([json.loads(line)["response"] for line in (tmp_path / f"out-{s}" / "samples.jsonl").read_text().splitlines()]
+                 for s in ("tiny", "mcore"))
+    assert hf == mcore  # the same greedy tokens from the TP=2 checkpoint as from the HF weights
+    assert json.loads((tmp_path / "out-mcore" / "results.json").read_text())["model_format"].startswith("megarl")
+
+
 def test_cli_rejects_bad_inputs(tmp_path, capsys):
-    ckpt = tmp_path / "megatron_ckpt"
+    ckpt = tmp_path / "some_ckpt"
     ckpt.mkdir()
+    (ckpt / "model.pt").write_bytes(b"")
     assert cli_main(["eval", "--model", str(ckpt), "--benchmarks", "math500"]) == 2
     err = capsys.readouterr().err
-    assert str(ckpt) in err and "Hugging Face model directory" in err
+    assert str(ckpt) in err and "Hugging Face model directory" in err and "megarl_checkpoint.json" in err
+    assert cli_main(["eval", "--model", str(tmp_path / "missing"), "--benchmarks", "math500"]) == 2
+    assert "no such directory" in capsys.readouterr().err
     model = tmp_path / "m"
     model.mkdir()
     (model / "config.json").write_text("{}")
