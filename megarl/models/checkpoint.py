@@ -39,14 +39,13 @@ import re
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from megarl.models.hf_config import HF_ARCHITECTURES, ArchSpec, arch_spec, padded_vocab_size, validate_layout
-from megarl.models.mappings import find_mcore, mapping_table, mcore_local_shape, normalize_mcore_name
+from megarl.models.mappings import mapping_table, mcore_local_shape, normalize_mcore_name
 from megarl.parallel.groups import ParallelLayout
 
 FORMAT = "megarl-mcore-checkpoint"
@@ -157,6 +156,17 @@ def hf_config_from_spec(spec: ArchSpec, head: str | None = None) -> dict:
         cfg["dtype"] = spec.torch_dtype
     if head != "lm":
         cfg["num_labels"] = {"value": 1, "orm": 1, "prm": 2}[head]
+    return cfg
+
+
+def hf_config_with_dtype(hf_config: dict, dtype: str | None) -> dict:
+    """`hf_config` saying its weights are `dtype` (transformers reads "dtype", older versions
+    "torch_dtype"); None leaves it as is."""
+    if dtype is None:
+        return dict(hf_config)
+    cfg = dict(hf_config, dtype=dtype)
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = dtype
     return cfg
 
 
@@ -315,6 +325,11 @@ def dtype_name(dtype: torch.dtype | str) -> str:
 # ---- manifest and reader ------------------------------------------------------------------------
 
 
+def is_mcore_checkpoint(path: str | os.PathLike) -> bool:
+    """True if `path` looks like MCORE_DIR (has the manifest); McoreCheckpoint validates it."""
+    return (Path(path) / MANIFEST).is_file()
+
+
 def _need(cond: bool, where: Path, what: str) -> None:
     if not cond:
         raise ValueError(f"{where}: {what}")
@@ -426,7 +441,9 @@ class McoreCheckpoint:
         if self._verify:
             self.verify_file(info["file"])
         t = read_tensor(self.path / info["file"], key)
-        assert tuple(t.shape) == tuple(info["shape"]), (key, t.shape, info["shape"])
+        if tuple(t.shape) != tuple(info["shape"]) or dtype_name(t.dtype) != info["dtype"]:
+            raise ValueError(f"{self.path / info['file']}: tensor {key!r} is {tuple(t.shape)} {dtype_name(t.dtype)}, "
+                             f"the manifest says {tuple(info['shape'])} {info['dtype']}")
         return t
 
     def locate(self, mcore_name: str) -> tuple[int, int, str]:

@@ -47,15 +47,16 @@ from megarl.models.checkpoint import (
     chunk_key,
     copy_hf_side_files,
     dtype_name,
+    hf_config_with_dtype,
+    read_tensor,
     safetensors_header,
     same_model,
+    save_safetensors,
     stage_tensors,
     write_json,
     write_rank_file,
-    read_tensor,
-    save_safetensors,
 )
-from megarl.models.hf_config import ArchSpec, _torch_dtype, arch_spec
+from megarl.models.hf_config import ArchSpec, _torch_dtype, arch_spec, validate_layout
 from megarl.models.mappings import (
     _IGNORED_HF,
     find_hf,
@@ -334,15 +335,10 @@ def hf_to_mcore_dir(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp
     spec = arch_spec(hf_config, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     head = spec.hf_head
     layout = _layout(tp, pp, vpp)
-    from megarl.models.hf_config import validate_layout
-
     validate_layout(spec, layout)
     source.check(spec, head)
     dt = _dtype(dtype)
-    if dt is not None:
-        hf_config = dict(hf_config, dtype=dtype_name(dt))
-        if "torch_dtype" in hf_config:
-            hf_config["torch_dtype"] = dtype_name(dt)
+    hf_config = hf_config_with_dtype(hf_config, None if dt is None else dtype_name(dt))
     max_bytes = parse_size(max_shard_size)
     with atomic_output_dir(out_dir, overwrite, hf_dir) as tmp:
         ranks, files = _write_mcore(source, spec, head, layout, tmp, dtype=dt, max_shard_bytes=max_bytes,
@@ -365,13 +361,9 @@ def reshard_mcore_dir(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     ckpt = McoreCheckpoint(mcore_dir, verify_checksums=verify_checksums)
     spec, head = ckpt.spec, ckpt.head
     layout = _layout(tp, pp, vpp)
-    from megarl.models.hf_config import validate_layout
-
     validate_layout(spec, layout)
     dt = _dtype(dtype)
-    hf_config = dict(ckpt.hf_config)
-    if dt is not None:
-        hf_config["dtype"] = dtype_name(dt)
+    hf_config = hf_config_with_dtype(ckpt.hf_config, None if dt is None else dtype_name(dt))
     with atomic_output_dir(out_dir, overwrite, mcore_dir) as tmp:
         ranks, files = _write_mcore(McoreSource(ckpt), spec, head, layout, tmp, dtype=dt,
                                     max_shard_bytes=parse_size(max_shard_size), progress=progress, desc="reshard")
@@ -491,14 +483,9 @@ def mcore_to_hf_dir(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                        {"metadata": {"total_size": total_size}, "weight_map": weight_map})
         if (ckpt.path / HF_SUBDIR).is_dir():
             copy_hf_side_files(ckpt.path / HF_SUBDIR, tmp)
-        config = dict(ckpt.hf_config)
         stored = ckpt.manifest["dtype"]
         out_dtype = dtype_name(dt) if dt is not None else (stored if stored != "mixed" else None)
-        if out_dtype is not None:
-            config["dtype"] = out_dtype
-            if "torch_dtype" in config:
-                config["torch_dtype"] = out_dtype
-        write_json(tmp / "config.json", config)
+        write_json(tmp / "config.json", hf_config_with_dtype(ckpt.hf_config, out_dtype))
     return _finish(Path(out_dir), started, start_rss, warnings)
 
 
