@@ -54,16 +54,18 @@ class MegatronEngineConfig:
     use at the size a call needs); tp_sampling: "gather_free" or "gather" (see
     sampling.sample_vocab_parallel); seed: base of the per-call seed when SamplingParams.seed
     is None; compact_below: drop finished rows from the batch once the alive fraction falls
-    below this (0 never compacts)."""
+    below this (0 never compacts); prefill_tokens: most (padded) tokens per prefill forward
+    (bounds activation memory; one longer prompt still goes alone)."""
 
     max_batch: int = 64
     max_seq_len: int = 2048
     tp_sampling: str = "gather_free"
     seed: int = 0
     compact_below: float = 0.5
+    prefill_tokens: int = 8192
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_seq_len"):
+        for name in ("max_batch", "max_seq_len", "prefill_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"MegatronEngineConfig.{name} must be an int >= 1, got {value!r}")
@@ -111,6 +113,11 @@ class _KVCache:
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
+    def zero(self, row_start: int, row_end: int, length: int) -> None:
+        """Rows [row_start, row_end), positions [0, length) := 0."""
+        for buf in (*self.k, *self.v):
+            buf[row_start:row_end, :, :length] = 0
+
     def select_rows(self, rows: torch.Tensor, length: int) -> None:
         """Rows [0, len(rows)) := old rows `rows`, positions [0, length)."""
         n = len(rows)
@@ -125,16 +132,19 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def _layer_forward(layer, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int,
-                   cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One megatron TransformerLayer (pre-norm self-attention + MLP) at cache positions
-    [start, start + S), with this module's KV cache instead of megatron's.
+                   cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, row0: int = 0,
+                   key_start: int = 0) -> torch.Tensor:
+    """One megatron TransformerLayer (pre-norm self-attention + MLP) for cache rows
+    [row0, row0 + B) at cache positions [start, start + S), attending to the cached keys
+    [key_start, start + S), with this module's KV cache instead of megatron's.
 
     megatron's static-inference path caches keys BEFORE RoPE and re-rotates the whole cache at
     every step (plus a GQA repeat of it): O(sequence) extra work per token that dominated a
     decode step on CPU. Here keys are cached rotated and single-token decoding runs attention
     per KV group ("packed GQA": the group's query heads act as query rows), without copies.
     Shapes: h [S, B, hidden]; k_cache, v_cache [rows, groups, seq, head_dim]; cos/sin
-    [S, B, 1, head_dim]; mask None (causal) or boolean [B, 1, S, start + S], True = may attend.
+    [S, B, 1, head_dim]; mask None (causal) or boolean [B, 1, S, start + S - key_start],
+    True = may attend.
     """
     attn = layer.self_attention
     x = layer.input_layernorm(h)  # an IdentityOp when the norm is fused into linear_qkv (TE spec)
@@ -143,32 +153,55 @@ def _layer_forward(layer, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     groups = k.shape[2]
     q = _rotate(q, cos, sin)
     k = _rotate(k, cos, sin)
-    end = start + seq
-    k_cache[:batch, :, start:end] = k.permute(1, 2, 0, 3)
-    v_cache[:batch, :, start:end] = v.permute(1, 2, 0, 3)
-    keys, values = k_cache[:batch, :, :end], v_cache[:batch, :, :end]
+    end, rows = start + seq, slice(row0, row0 + batch)
+    k_cache[rows, :, start:end] = k.permute(1, 2, 0, 3)
+    v_cache[rows, :, start:end] = v.permute(1, 2, 0, 3)
+    keys, values = k_cache[rows, :, key_start:end], v_cache[rows, :, key_start:end]
     scale = getattr(attn.core_attention, "softmax_scale", None) or hd ** -0.5
     if seq == 1:
         qg = q.view(batch, groups, heads // groups, hd)  # head i belongs to group i // (heads / groups)
         ctx = torch.nn.functional.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale)
         ctx = ctx.reshape(1, batch, heads * hd)
     else:
-        qh = q.permute(1, 2, 0, 3)
-        if heads != groups:
-            keys = keys.repeat_interleave(heads // groups, dim=1)
-            values = values.repeat_interleave(heads // groups, dim=1)
         if mask is None:
-            causal = start == 0
-            am = None if causal else torch.ones(seq, end, dtype=torch.bool, device=h.device).tril(start)
+            causal = start == key_start
+            am = None if causal else torch.ones(seq, end - key_start, dtype=torch.bool,
+                                                device=h.device).tril(start - key_start)
         else:
             causal, am = False, mask
-        ctx = torch.nn.functional.scaled_dot_product_attention(qh, keys, values, attn_mask=am, is_causal=causal,
-                                                               scale=scale)
+        ctx = torch.nn.functional.scaled_dot_product_attention(
+            q.permute(1, 2, 0, 3), keys, values, attn_mask=am, is_causal=causal, scale=scale,
+            enable_gqa=heads != groups)
         ctx = ctx.permute(2, 0, 1, 3).reshape(seq, batch, heads * hd)
     out, bias = attn.linear_proj(ctx)
     h = h + (out if bias is None else out + bias)
     out, bias = layer.mlp(layer.pre_mlp_layernorm(h))
     return h + (out if bias is None else out + bias)
+
+
+def prefill_groups(lens: Sequence[int], max_tokens: int, overhead_tokens: int = 64) -> list[tuple[int, int]]:
+    """Split prompts sorted by ascending length into contiguous groups [start, end), each
+    prefilled as one left-padded batch: minimises padded tokens + overhead_tokens per group
+    (a forward's fixed cost), groups of more than one prompt stay within max_tokens.
+    Padding every prompt to the longest (what transformers' generate does) costs up to
+    len(lens) x max(lens) tokens; MATH500-like lengths (60-450) waste more than half of it."""
+    n = len(lens)
+    assert all(a <= b for a, b in zip(lens, lens[1:])), "lengths must be sorted"
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j - 1, -1, -1):
+            size = (j - i) * lens[j - 1]
+            if size > max_tokens and j - i > 1:
+                break
+            cost = best[i] + size + overhead_tokens
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    out, j = [], n
+    while j > 0:
+        out.append((cut[j], j))
+        j = cut[j]
+    return out[::-1]
 
 
 def _check_layers(chunks) -> list:
@@ -407,11 +440,11 @@ class MegatronEngine:
         emb = torch.cat((freqs, freqs), dim=-1).transpose(0, 1).unsqueeze(2)
         return torch.cos(emb).to(self.dtype), torch.sin(emb).to(self.dtype)
 
-    def _forward(self, ids_BS: torch.Tensor, pos_BS: torch.Tensor, start: int, mask, cache: "_KVCache"
-                 ) -> torch.Tensor | None:
-        """One forward of tokens at cache positions [start, start + S) through this rank's
-        chunks (and the pipeline): vocab-parallel logits [B, V_local] of the LAST position on
-        the last stage, None elsewhere."""
+    def _forward(self, ids_BS: torch.Tensor, pos_BS: torch.Tensor, start: int, mask, cache: "_KVCache",
+                 row0: int = 0, key_start: int = 0) -> torch.Tensor | None:
+        """One forward of tokens at cache positions [start, start + S) of cache rows
+        [row0, row0 + B) through this rank's chunks (and the pipeline): vocab-parallel logits
+        [B, V_local] of the LAST position on the last stage, None elsewhere."""
         batch, seq = ids_BS.shape
         cos, sin = self._rope_tables(pos_BS)
         layer_idx = 0
@@ -421,7 +454,8 @@ class MegatronEngine:
             else:
                 h = self._recv((seq, batch, self.hidden_size))
             for layer in chunk.decoder.layers:
-                h = _layer_forward(layer, h, cache.k[layer_idx], cache.v[layer_idx], start, cos, sin, mask)
+                h = _layer_forward(layer, h, cache.k[layer_idx], cache.v[layer_idx], start, cos, sin, mask,
+                                   row0, key_start)
                 layer_idx += 1
             if not chunk.post_process:
                 self._send(h)
@@ -469,13 +503,25 @@ class MegatronEngine:
         rows_total = int(counts.sum())
         cache = self._cache(rows_total, plen + max_new)
 
-        attend = None
-        if padded:
-            # causal, no padding keys; a padding query sees itself (no fully masked row: NaN)
-            attend = torch.ones(plen, plen, dtype=torch.bool).tril_()[None, None] & ~pad[:, None, None, :]
-            attend |= torch.eye(plen, dtype=torch.bool)
-            attend = attend.to(dev)
-        logits = self._forward(ids.to(dev), pos.to(dev), 0, attend, cache)
+        # prefill in groups of similar lengths (prompts are sorted), each group left-padded to
+        # its own longest prompt and written to the last columns of the wave's cache rows
+        logits_parts = []
+        for a, b in prefill_groups(lens.tolist(), self.config.prefill_tokens):
+            width = int(lens[b - 1])
+            first_col = plen - width
+            if first_col:
+                cache.zero(a, b, first_col)  # never attended, but NaN garbage would leak through SDPA
+            pad_g = pad[a:b, first_col:]
+            attend = None
+            if bool(pad_g.any()):
+                # causal, no padding keys; a padding query sees itself (no fully masked row: NaN)
+                attend = torch.ones(width, width, dtype=torch.bool).tril_()[None, None] & ~pad_g[:, None, None, :]
+                attend |= torch.eye(width, dtype=torch.bool)
+                attend = attend.to(dev)
+            out = self._forward(ids[a:b, first_col:].to(dev), pos[a:b, first_col:].to(dev), first_col, attend,
+                                cache, row0=a, key_start=first_col)
+            logits_parts.append(out)
+        logits = torch.cat(logits_parts) if logits_parts[0] is not None else None
 
         # the n samples of a prompt share its prefill: copy its KV cache row n times
         src = torch.repeat_interleave(torch.arange(num_unique), counts)

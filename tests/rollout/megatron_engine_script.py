@@ -252,7 +252,7 @@ def main() -> int:
         rec = dict(layout=layout_name(layout), rank=rank, tp_rank=groups.tp_rank, pp_rank=groups.pp_rank,
                    dp_rank=groups.dp_rank)
         engine = MegatronEngine(chunks, spec, layout, groups, CharTokenizer(), eos_token_ids=(),
-                                max_batch=16, max_seq_len=64)
+                                max_batch=16, max_seq_len=64, prefill_tokens=24)
         greedy = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=max_new))
         rec["greedy"] = [c.token_ids for c in greedy]
         rec["naive"] = naive_greedy(chunks, groups, spec, prompts, max_new, spec.vocab_size)

@@ -79,6 +79,18 @@ def test_sample_greedy_ties_masked_vocab_and_edge_uniforms():
     assert top_k_top_p_mask(z, 0, 1.0) is None
 
 
+def test_prefill_groups_minimise_padding_within_budget():
+    from megarl.rollout.megatron_engine import prefill_groups
+
+    assert prefill_groups([5, 6, 7], 1000) == [(0, 3)]  # padding cheaper than another forward
+    assert prefill_groups([10] * 4 + [500] * 4, 10**6) == [(0, 4), (4, 8)]
+    groups = prefill_groups(list(range(1, 41)), 64, overhead_tokens=0)
+    assert groups[0][0] == 0 and groups[-1][1] == 40
+    assert all(a < b and (b - a == 1 or (b - a) * (b) <= 64) for a, b in groups)  # lens[b-1] == b
+    assert all(x[1] == y[0] for x, y in zip(groups, groups[1:]))
+    assert prefill_groups([300], 16) == [(0, 1)]  # a prompt longer than the budget goes alone
+
+
 # ---- the engine -----------------------------------------------------------------------------------
 
 
@@ -116,8 +128,8 @@ def test_is_a_rollout_engine(world):
 
 
 @pytest.mark.parametrize("settings", [dict(max_batch=64), dict(max_batch=3, compact_below=1.0),
-                                      dict(max_batch=4, compact_below=0.0)],
-                         ids=["one-wave", "waves+always-compact", "waves+never-compact"])
+                                      dict(max_batch=4, compact_below=0.0), dict(prefill_tokens=16)],
+                         ids=["one-wave", "waves+always-compact", "waves+never-compact", "prefill-groups"])
 def test_greedy_equals_full_recompute_loop(world, settings):
     engine = make_engine(world, **settings)
     out = engine.generate(PROMPTS, SamplingParams(n=2, temperature=0.0, max_new_tokens=8))
