@@ -554,16 +554,16 @@ def verify_mcore_dir(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *,
     from megarl.parallel.groups import destroy_parallel, init_parallel, single_process_world
 
     hf_dir = Path(hf_dir)
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"probe batch must be at least 1 x 1, got {batch_size} x {seq_len}")
     ckpt = McoreCheckpoint(mcore_dir, verify_checksums=True)
-    ckpt.verify_all()
     spec, head = ckpt.spec, ckpt.head
     hf_spec = arch_spec(hf_dir, make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by)
     diff = same_model(hf_spec, spec)
     if diff or hf_spec.hf_head != head:
         what = "; ".join(diff) or f"head {hf_spec.hf_head!r} != {head!r}"
         raise ValueError(f"{hf_dir} and {mcore_dir} are different models: {what}")
-    if batch_size < 1 or seq_len < 1:
-        raise ValueError(f"probe batch must be at least 1 x 1, got {batch_size} x {seq_len}")
+    ckpt.verify_all()
     ids = torch.randint(0, spec.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
     ref = _hf_reference(hf_dir, head, ids)
 
