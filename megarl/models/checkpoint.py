@@ -45,7 +45,7 @@ from typing import Any, Iterator
 import torch
 
 from megarl.models.hf_config import HF_ARCHITECTURES, ArchSpec, arch_spec, padded_vocab_size, validate_layout
-from megarl.models.mappings import mapping_table, mcore_local_shape, normalize_mcore_name
+from megarl.models.mappings import mapping_table, mcore_local_shape, normalize_mcore_name, to_local_name
 from megarl.parallel.groups import ParallelLayout
 
 FORMAT = "megarl-mcore-checkpoint"
@@ -458,8 +458,6 @@ class McoreCheckpoint:
 
 def locate(spec: ArchSpec, layout: ParallelLayout, mcore_name: str) -> tuple[int, int, str]:
     """Global megatron name -> (pp rank, virtual stage, chunk-local name)."""
-    from megarl.models.mappings import to_local_name
-
     pp_rank, vp, local = to_local_name(spec, layout, mcore_name)
     if pp_rank is not None:
         return pp_rank, vp, local
