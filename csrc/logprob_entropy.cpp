@@ -14,7 +14,8 @@
 // one more pass over the row from the saved per-row (M, log S, H); no softmax is kept.
 //
 // A -inf logit is a masked vocabulary entry: p_j = 0 and it adds nothing (its d_j is clamped
-// before multiplying, so 0 * -inf never appears). A row whose logits are all -inf has no
+// before multiplying, so 0 * -inf never appears); so does a finfo.min one: a rescale factor
+// that underflows to 0 drops the old sums instead of multiplying 0 by an overflowed c * s. A row whose logits are all -inf has no
 // distribution: logprob, entropy and its gradient are NaN, as torch.log_softmax gives.
 
 #include <ATen/ATen.h>
@@ -118,8 +119,10 @@ MEGARL_INLINE void row_stats_impl(const T* x, int64_t V, float inv_t, float* out
       if (s > 0.f) {
         const float c = (m - bm) * inv_t;
         const float e = std::exp(c);
-        w = e * (w + c * s);
-        s *= e;
+        // e == 0: what came before is negligible (e.g. finfo.min padding), and c * s may be
+        // -inf, which e * (...) would turn into NaN.
+        w = e > 0.f ? e * (w + c * s) : 0.f;
+        s = e > 0.f ? s * e : 0.f;
       }
       m = bm;
     }

@@ -54,8 +54,9 @@ __device__ __forceinline__ void acc_add(Acc& a, const float (&v)[N], float inv_t
     if (a.s > 0.f) {
       const float c = (a.m - vm) * inv_t;
       const float e = __expf(c);
-      a.w = e * (a.w + c * a.s);
-      a.s *= e;
+      // e == 0 (e.g. finfo.min padding far below): drop the old sums; c * s may be -inf.
+      a.w = e > 0.f ? e * (a.w + c * a.s) : 0.f;
+      a.s = e > 0.f ? a.s * e : 0.f;
     }
     a.m = vm;
   }
@@ -84,6 +85,7 @@ __device__ __forceinline__ void acc_merge(Acc& a, Acc b, float inv_t) {
   }
   const float c = (b.m - a.m) * inv_t;
   const float e = __expf(c);
+  if (e == 0.f) return;  // b is negligible; c * b.s may be -inf
   a.s += e * b.s;
   a.w += e * (b.w + c * b.s);
 }

@@ -112,6 +112,30 @@ def test_strided_misaligned_rows_and_one_output_used(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_finfo_min_masking(device, dtype):
+    """Logits masked with finfo.min instead of -inf: (x - max) / temperature overflows to -inf
+    and rescale factors underflow to 0; no NaN may come of it."""
+    gen = torch.Generator().manual_seed(9)
+    low = torch.finfo(dtype).min
+    logits = torch.randn(4, 9000, generator=gen)
+    logits[0, :5000] = low  # the first CPU block (4096) is all finfo.min; the max comes later
+    logits[1, torch.rand(9000, generator=gen) < 0.5] = low
+    logits[2, 1:] = low
+    logits[3, 4500:] = low  # and a shard of it at the end
+    targets = torch.tensor([6000, 0, 0, 10])
+    logits[1, 0] = 1.0
+    g_lp, g_ent = torch.randn(4, generator=gen), torch.randn(4, generator=gen)
+    logits = logits.to(dtype)
+    lp, ent, grad = _fused_with_grads(logits, targets, 0.7, g_lp, g_ent, device)
+    ref_lp, ref_ent, ref_grad = _reference_with_grads(logits, targets, 0.7, g_lp, g_ent)
+    assert not (lp.isnan().any() or ent.isnan().any() or grad.isnan().any())
+    _close(lp, ref_lp, dtype, "logprobs")
+    _close(ent, ref_ent, dtype, "entropy")
+    _close(grad, ref_grad, dtype, "grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fully_masked_row_is_nan_like_the_reference(device):
     logits = torch.randn(3, 50, device=device)
     logits[1] = NEG_INF

@@ -64,8 +64,11 @@ def _inputs(dtype):
     logits[1, targets[1]] = float("-inf")  # masked target
     logits[2] *= 1e4 / logits[2][logits[2].isfinite()].abs().max()  # very large logits
     targets[3] = 3  # a target on rank 0
+    logits = logits.to(dtype)
+    logits[4, :half] = torch.finfo(dtype).min  # rank 0's shard of row 4 far below rank 1's max
+    targets[4] = half + 7
     g_lp, g_ent = torch.randn(T, generator=gen), torch.randn(T, generator=gen)
-    return logits.to(dtype), targets, g_lp, g_ent
+    return logits, targets, g_lp, g_ent
 
 
 def _reference(logits, targets, temperature, g_lp, g_ent):
