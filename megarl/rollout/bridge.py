@@ -34,11 +34,12 @@ Optional engine methods the bridge uses when present (otherwise adapters for HFE
 engines with an HF `.model` and for MegatronEngine are used):
   weight_checksums(names) -> {name: tensor_checksum(tensor)} of what the engine holds;
   prompt_logprobs(sequences) -> [per sequence, log p(token t | tokens < t) for t >= 1];
-  weight_shard_layout() -> (tp_size, tp_rank) and update_weight_shards(buckets of megatron
-  global names -> this rank's shard), for the fast path.
-Without prompt_logprobs the probe samples from the engine (temperature 1, no top-p/top-k,
-fixed seed) and compares the log-probs the engine reports with the trainer's on the same
-tokens.
+  weight_shard_layout() -> (tp_size, tp_rank, pp_size, pp_rank) and
+  update_weight_shards(buckets of megatron global names -> this rank's shard), for the fast
+  path (the engine must hold the trainer's exact split).
+Without prompt_logprobs (or with probe_mode="generate") the probe samples from the engine
+(temperature 1, no top-p/top-k, fixed seed) and compares the log-probs the engine reports with
+the trainer's on the same tokens.
 """
 
 from __future__ import annotations
@@ -286,6 +287,20 @@ def _padded(nbytes: int) -> int:
 # ---- engine adapters --------------------------------------------------------------------------------
 
 
+def _plain_torch():
+    """Without CUDA, megarl.parallel.cpu_compat keeps a Python TorchFunctionMode on every torch
+    call (it rewrites megatron's device="cuda"). Moving weights needs none of its rewrites and
+    makes a dozen torch calls per tensor, so the mode is off while a sync streams."""
+    import contextlib
+
+    from megarl.parallel import cpu_compat
+
+    disable = getattr(torch._C, "DisableTorchFunction", None)
+    if disable is None or not cpu_compat.is_active():
+        return contextlib.nullcontext()
+    return disable()
+
+
 def _unwrap(chunk):
     """The GPTModel inside megatron's wrappers (DDP and Float16Module keep it in `.module`)."""
     while not hasattr(chunk, "megarl_head") and hasattr(chunk, "module"):
@@ -450,26 +465,28 @@ class WeightBridge:
         bad: list[str] = []
         if report.path != "shared":
             fast = report.path == "fast"
-            expected = self._send(engine, fast, report, errors)
-            if self.config.checksum and engine is not None and not errors:
-                t1 = time.perf_counter()
-                if fast:
-                    got = self._engine_shard_checksums(engine, list(expected))
-                else:
-                    got = self._engine_checksums(engine, list(expected))
-                report.checksum_s += time.perf_counter() - t1
-                self._compare(expected, got, report, errors, bad)
+            with _plain_torch():
+                expected = self._send(engine, fast, report, errors)
+                if self.config.checksum and engine is not None and not errors:
+                    t1 = time.perf_counter()
+                    if fast:
+                        got = self._engine_shard_checksums(engine, list(expected))
+                    else:
+                        got = self._engine_checksums(engine, list(expected))
+                    report.checksum_s += time.perf_counter() - t1
+                    self._compare(expected, got, report, errors, bad)
         self._raise_agreed(errors, bad)
+        if self.config.verify_every and (self.num_syncs - 1) % self.config.verify_every == 0:
+            t1 = time.perf_counter()
+            report.probe, report.probe_max_abs_diff = self.verify(engine, probe)
+            report.probe_s = time.perf_counter() - t1
+        # only a sync that passed its checks delivers a version
         self.engine_version = self.trainer_version
         if engine is not None and hasattr(engine, "weights_version"):
             try:
                 engine.weights_version = self.trainer_version
             except AttributeError:
                 pass
-        if self.config.verify_every and (self.num_syncs - 1) % self.config.verify_every == 0:
-            t1 = time.perf_counter()
-            report.probe, report.probe_max_abs_diff = self.verify(engine, probe)
-            report.probe_s = time.perf_counter() - t1
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -486,7 +503,8 @@ class WeightBridge:
             return "gather"
         layout_fn = getattr(engine, "weight_shard_layout", None)
         if layout_fn is not None and hasattr(engine, "update_weight_shards"):
-            return "fast" if tuple(layout_fn()) == (self.layout.tp, self.tp_rank) else "gather"
+            mine = (self.layout.tp, self.tp_rank, self.layout.pp, self.pp_rank)
+            return "fast" if tuple(layout_fn()) == mine else "gather"
         if chunks is not None and getattr(engine, "layout", None) == self.layout and \
                 getattr(engine, "spec", None) == self.spec:
             return "fast"
