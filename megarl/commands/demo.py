@@ -1,8 +1,10 @@
 """`megarl demo`: the CPU demo, end to end (README Quickstart).
 
 1. prepare: generate the addition task, a character tokenizer and a tiny Qwen2 model, and
-   SFT-warm it up (single process) so its starting accuracy is above zero;
-2. GRPO with examples/demo_cpu.yaml on 2 CPU ranks (tensor parallel 2) through megatron-core;
+   SFT-warm it up (single process) on an imperfect teacher whose answers are often off by one,
+   so the model can add but its greedy answers are often wrong;
+2. GRPO with examples/demo_cpu.yaml on 2 CPU ranks (tensor parallel 2) through megatron-core:
+   the verifier reward (the exact sum) is what corrects the teacher's bias;
 3. print `accuracy before=A after=B` (greedy held-out accuracy) as the last line.
 """
 
@@ -13,7 +15,9 @@ HELP = "run the CPU demo: SFT warm-up, then GRPO on 2 CPU ranks (TP=2); prints h
 
 def add_arguments(parser) -> None:
     parser.add_argument("--run-dir", default="runs/demo", help="where data, models, logs and checkpoints go")
-    parser.add_argument("--sft-steps", type=int, default=120, help="SFT warm-up steps (batch 64)")
+    parser.add_argument("--sft-steps", type=int, default=400, help="SFT warm-up steps (batch 64)")
+    parser.add_argument("--teacher-error", type=float, default=0.6,
+                        help="fraction of SFT demonstrations whose answer is off by one (an imperfect teacher)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.steps=30")
 
@@ -51,8 +55,9 @@ def main(args) -> int:
 
         # A demo run starts fresh: an earlier run's checkpoints would resume it.
         shutil.rmtree(os.path.join(run_dir, "grpo"), ignore_errors=True)
-        info = prepare(run_dir, sft_steps=args.sft_steps, seed=args.seed)
-        print(f"demo: SFT warm-up done ({args.sft_steps} steps, loss {info['sft_loss']:.3f}); "
+        info = prepare(run_dir, sft_steps=args.sft_steps, seed=args.seed, teacher_error=args.teacher_error)
+        print(f"demo: SFT warm-up on an imperfect teacher done ({args.sft_steps} steps, "
+              f"{args.teacher_error:.0%} of demonstrations off by one, loss {info['sft_loss']:.3f}); "
               f"model {info['model']}; data {os.path.dirname(info['train'])}", flush=True)
         cfg = load_config(RLConfig, recipe, overrides)
         print(f"demo: GRPO on {cfg.parallel.nproc} CPU ranks (tp={cfg.parallel.tp}, pp={cfg.parallel.pp}); "

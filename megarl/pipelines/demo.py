@@ -69,8 +69,13 @@ def make_model(out_dir: str | os.PathLike, tokenizer, *, seed: int = 0, hidden: 
     return Qwen2ForCausalLM(config)
 
 
-def sft(model, tokenizer, train_path: str, *, steps: int, batch_size: int = 64, lr: float = 3e-3, seed: int = 0):
-    """Teacher-forced cross-entropy on the answer tokens (prompt tokens masked out)."""
+def sft(model, tokenizer, train_path: str, *, steps: int, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
+        teacher_error: float = 0.0):
+    """Teacher-forced cross-entropy on the answer tokens (prompt tokens masked out).
+
+    teacher_error: the fraction of demonstrations whose answer is off by one (a + b + 1), an
+    imperfect teacher; the verifier reward of the RL phase is what corrects it.
+    """
     import torch
 
     rows = [json.loads(line) for line in open(train_path)]
@@ -83,7 +88,8 @@ def sft(model, tokenizer, train_path: str, *, steps: int, batch_size: int = 64, 
         seqs, masks = [], []
         for r in batch:
             p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-            a = tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [eos]
+            answer = int(r["answer"]) + (1 if rng.random() < teacher_error else 0)
+            a = tokenizer(str(answer), add_special_tokens=False)["input_ids"] + [eos]
             seqs.append(p + a)
             masks.append([0] * len(p) + [1] * len(a))
         S = max(map(len, seqs))
@@ -123,7 +129,7 @@ def greedy_accuracy(model, tokenizer, test_path: str, max_new_tokens: int = 4) -
     return sum(last_integer_correct(t, r["answer"]) for t, r in zip(texts, rows)) / len(rows)
 
 
-def prepare(run_dir: str | os.PathLike, *, sft_steps: int, seed: int = 0) -> dict:
+def prepare(run_dir: str | os.PathLike, *, sft_steps: int, seed: int = 0, teacher_error: float = 0.0) -> dict:
     """Writes run_dir/data/{train,test}.jsonl and run_dir/init (the warmed-up HF model).
 
     The model directory is written to a temporary sibling and renamed.
@@ -138,7 +144,7 @@ def prepare(run_dir: str | os.PathLike, *, sft_steps: int, seed: int = 0) -> dic
         tokenizer = make_tokenizer(tmp)
         model = make_model(tmp, tokenizer, seed=seed)
         torch.manual_seed(seed)
-        loss = sft(model, tokenizer, train_path, steps=sft_steps, seed=seed)
+        loss = sft(model, tokenizer, train_path, steps=sft_steps, seed=seed, teacher_error=teacher_error)
         acc = greedy_accuracy(model, tokenizer, test_path)
         model.save_pretrained(tmp)
         final = run_dir / "init"
