@@ -23,10 +23,10 @@
 namespace megarl {
 namespace {
 
-// Elements per parallel task (~0.1-0.3 ms of work): finer tasks cost more in thread wake-ups
+// Elements per parallel task (~0.3-1 ms of work): finer tasks cost more in thread wake-ups
 // than they save, and stall badly when ranks oversubscribe the cores (the CPU demo runs several
 // ranks per core pair).
-constexpr int64_t kElementsPerTask = 1 << 17;
+constexpr int64_t kElementsPerTask = 1 << 18;
 
 int64_t row_grain(int64_t T) { return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(T, 1)); }
 
