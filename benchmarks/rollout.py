@@ -33,8 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def load_prompts(tokenizer, num: int) -> list[list[int]]:
     rows = [json.loads(line) for line in (ROOT / "data" / "math500.jsonl").read_text().splitlines()[:num]]
     out = []
+    suffix = "\nPlease reason step by step, and put your final answer within \\boxed{}."
     for r in rows:
-        msgs = [{"role": "user", "content": r["problem"] + "\nPlease reason step by step, and put your final answer within \\boxed{}."}]
+        msgs = [{"role": "user", "content": r["problem"] + suffix}]
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     return out
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     from megarl.models.mappings import iter_safetensors, load_hf_state_into
     from megarl.models.packaged import smollm2_hf_dir
     from megarl.parallel.groups import ParallelLayout, init_parallel, single_process_world
+    from megarl.rollout.engine import SamplingParams
     from megarl.rollout.megatron_engine import MegatronEngine
 
     path = smollm2_hf_dir()
@@ -225,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             runners["megatron-static"] = megatron_static_runner(chunks, spec, tokenizer, prompts, args.new_tokens)
         # warm-up (allocations, lazy init) on a small slice
         run_hf(hf, tokenizer, prompts[:2], 2)
-        engine.generate(prompts[:2], __import__("megarl.rollout.engine", fromlist=["x"]).SamplingParams(
-            temperature=0.0, max_new_tokens=2))
+        engine.generate(prompts[:2], SamplingParams(temperature=0.0, max_new_tokens=2))
         times: dict[str, list[float]] = {k: [] for k in runners}
         outputs = {}
         for _ in range(args.repeats):

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import megatron_engine_script as h  # noqa: E402
 
-from megarl.rollout.engine import Completion, RolloutEngine, SamplingParams  # noqa: E402
+from megarl.rollout.engine import RolloutEngine, SamplingParams  # noqa: E402
 from megarl.rollout.sampling import sample, top_k_top_p_mask  # noqa: E402
 
 LOGPROB_ATOL = 2e-4
@@ -345,3 +345,16 @@ def test_distributed_layouts(distributed):
         for r in group:
             mates = [m for m in group if m["dp_rank"] == r["dp_rank"]]
             assert all(m["unseeded"] == r["unseeded"] for m in mates), layout
+
+
+@pytest.mark.slow
+def test_rollout_benchmark_quick_run():
+    """benchmarks/rollout.py --quick (SmolLM2-135M, 4 prompts x 8 tokens, ~1-3 min): it runs,
+    both engines make every token, and greedy SmolLM2 agrees with transformers."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rollout.py"), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "WARNING" not in proc.stdout, proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| megarl |"))
+    assert float(row.split("|")[-2]) >= 0.9  # fraction of greedy tokens equal to transformers'
+    assert "megarl / transformers tokens/s:" in proc.stdout
