@@ -129,25 +129,43 @@ def model_state(modules: list) -> list[dict]:
     return [{k: v.detach().clone() for k, v in m.state_dict().items() if v is not None} for m in modules]
 
 
-def save_rank_state(path: str, model: TrainableModel, groups) -> None:
-    """Writes this rank's model shards (DP rank 0 only) and optimizer state into directory `path`.
+def _inner_optimizers(opt) -> list:
+    return list(getattr(opt, "chained_optimizers", [opt]))
 
-    Files: model_tp{t}_pp{p}.pt (one per model-parallel rank), optim_param_state_tp{t}_pp{p}.pt
-    (the distributed optimizer's parameter state gathered to DP rank 0), optim_tp{t}_pp{p}.pt.
+
+def _fp32_main_params(inner) -> list:
+    """The fp32 master copies of bf16/fp16 params (distributed: this rank's shards), if any."""
+    groups = getattr(inner, "shard_fp32_from_float16_groups", None) or getattr(inner, "fp32_from_float16_groups", None) or []
+    return [p for g in groups for p in g]
+
+
+def save_rank_state(path: str, model: TrainableModel, groups) -> None:
+    """Writes this rank's state into directory `path`: the model shards (model_tp{t}_pp{p}.pt,
+    by DP rank 0) and, from every rank, its own optimizer state (optim_rank{r}.pt: the torch
+    Adam state over this rank's parameter shards and the fp32 master copies). Resuming needs the
+    same world size and layout, so each rank reads back exactly what it wrote.
     """
     import os
 
+    import torch.distributed as dist
+
     tag = f"tp{groups.tp_rank}_pp{groups.pp_rank}"
-    opt = model.optimizer
-    if hasattr(opt, "save_parameter_state"):
-        opt.save_parameter_state(os.path.join(path, f"optim_param_state_{tag}.pt"))  # collective over DP
     if groups.dp_rank == 0:
         torch.save([m.state_dict() for m in model.modules], os.path.join(path, f"model_{tag}.pt"))
-        torch.save(opt.state_dict(), os.path.join(path, f"optim_{tag}.pt"))
+    inners = _inner_optimizers(model.optimizer)
+    torch.save(
+        {
+            "torch_optim": [inner.optimizer.state_dict() for inner in inners],
+            "fp32_main": [[p.detach().clone() for p in _fp32_main_params(inner)] for inner in inners],
+        },
+        os.path.join(path, f"optim_rank{dist.get_rank()}.pt"),
+    )
 
 
 def load_rank_state(path: str, model: TrainableModel, groups) -> None:
     import os
+
+    import torch.distributed as dist
 
     tag = f"tp{groups.tp_rank}_pp{groups.pp_rank}"
     model_file = os.path.join(path, f"model_{tag}.pt")
@@ -156,11 +174,15 @@ def load_rank_state(path: str, model: TrainableModel, groups) -> None:
     states = torch.load(model_file, map_location="cpu", weights_only=False)
     for m, sd in zip(model.modules, states):
         m.load_state_dict(sd, strict=True)
-    opt = model.optimizer
-    opt_sd = torch.load(os.path.join(path, f"optim_{tag}.pt"), map_location="cpu", weights_only=False)
+    opt_state = torch.load(os.path.join(path, f"optim_rank{dist.get_rank()}.pt"), map_location="cpu", weights_only=False)
+    inners = _inner_optimizers(model.optimizer)
+    if len(opt_state["torch_optim"]) != len(inners):
+        raise ValueError(f"checkpoint {path}: optimizer has {len(inners)} parts, the checkpoint {len(opt_state['torch_optim'])}")
     with torch.no_grad():
-        if hasattr(opt, "save_parameter_state"):
-            opt._init_optimizer_states_with_dummy_values()
-        opt.load_state_dict(opt_sd)
-        if hasattr(opt, "load_parameter_state"):
-            opt.load_parameter_state(os.path.join(path, f"optim_param_state_{tag}.pt"))
+        for inner, sd, mains in zip(inners, opt_state["torch_optim"], opt_state["fp32_main"]):
+            inner.optimizer.load_state_dict(sd)
+            params = _fp32_main_params(inner)
+            if len(params) != len(mains):
+                raise ValueError(f"checkpoint {path}: {len(mains)} fp32 master tensors, the optimizer has {len(params)}")
+            for p, saved in zip(params, mains):
+                p.copy_(saved)

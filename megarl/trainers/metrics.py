@@ -48,7 +48,7 @@ class MetricsLogger:
         self.writer.flush()
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
-        shown = {k.split("/")[-1]: f"{metrics[k]:.3g}" for k in self.CONSOLE_KEYS if k in metrics}
+        shown = {k.replace("/", "_").replace("reward_", ""): f"{metrics[k]:.3g}" for k in self.CONSOLE_KEYS if k in metrics}
         self.bar.set_postfix(shown, refresh=False)
         self.bar.update(1)
         done = step - self.start
