@@ -56,17 +56,18 @@ def test_math500_through_the_pool_in_order(pool):
 
 
 def test_real_slow_input_times_out_without_blocking_others():
-    # sympy needs ~10 s to sum sin(n) over a million terms: past the guards, so only the
-    # timeout stops it. The other items must not wait for it.
+    # sympy needs >= 3 s (3.4 s on an idle 2-core machine, ~10 s under load) to sum sin(n)
+    # over ten million terms: past the guards, so only the 1 s timeout stops it. The other
+    # items must not wait for it.
     slow = r"\boxed{\sum_{n=1}^{10000000} \sin(n)}"
-    with GraderPool(GraderConfig(num_workers=2, timeout_s=3.0)) as p:
+    with GraderPool(GraderConfig(num_workers=2, timeout_s=1.0)) as p:
         p.wait_ready()
         results = p.grade_batch([slow] + [r"\boxed{4}"] * 20 + [slow, r"\boxed{5}"], ["4"] * 23)
         assert [r.reason for r in results] == ["timeout"] + ["equal"] * 20 + ["timeout", "not_equal"]
         assert results[0] == GradeResult(False, None, "timeout")
         lat = p.last_batch_latencies_s
-        assert 3.0 <= lat[0] < 6.0
-        assert max(lat[1:21]) < 3.0  # served by the other worker meanwhile
+        assert 1.0 <= lat[0] < 4.0
+        assert max(lat[1:21]) < 1.0  # served by the other worker meanwhile
         s = p.stats
         assert (s.graded, s.timeouts, s.workers_replaced, s.workers_started) == (23, 2, 2, 4)
         # The replaced workers serve the next batch.
