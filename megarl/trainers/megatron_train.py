@@ -119,16 +119,6 @@ def optimizer_step(model: TrainableModel) -> tuple[bool, float]:
     return bool(ok), float(grad_norm) if grad_norm is not None else float("nan")
 
 
-def zero_grads(model: TrainableModel) -> None:
-    for c in model.chunks:
-        c.zero_grad_buffer()
-    model.optimizer.zero_grad()
-
-
-def model_state(modules: list) -> list[dict]:
-    return [{k: v.detach().clone() for k, v in m.state_dict().items() if v is not None} for m in modules]
-
-
 def _inner_optimizers(opt) -> list:
     return list(getattr(opt, "chained_optimizers", [opt]))
 

@@ -16,11 +16,8 @@ process of the SPMD world runs `train(cfg)`.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import random
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -307,7 +304,7 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
                         return out.loss, {k: out.metrics[k].detach() for k in out.metrics}
 
                     outs = run_microbatches(actor.chunks, mb_list, loss_fn, dp=dp, forward_only=False)
-                    applied, gnorm = optimizer_step(actor)
+                    _, gnorm = optimizer_step(actor)
                     grad_norms.append(gnorm)
                     for o_ in outs:
                         for j, k in enumerate(_LOSS_KEYS):
