@@ -70,24 +70,45 @@ def build_batch(prompt_ids: list[list[int]], completions, pad_id: int, n: int) -
     return RolloutBatch(ids, targets, mask, torch.tensor(lengths), torch.tensor(truncated))
 
 
-def microbatches(batch: RolloutBatch, rows: torch.Tensor, size: int, **per_token: torch.Tensor | None) -> list[dict]:
-    """Micro-batch dicts over `rows` of the batch, with extra per-row tensors sliced alongside."""
+def microbatches(batch: RolloutBatch, rows: torch.Tensor, size: int, *, trim_to: int = 0,
+                 **per_token: torch.Tensor | None) -> list[dict]:
+    """Micro-batch dicts over `rows` of the batch, with extra per-row tensors sliced alongside.
+
+    trim_to > 0 (no pipeline parallelism, where every micro-batch must have one shape): rows are
+    grouped by length and each micro-batch is cut to its longest row, rounded up to a multiple
+    of trim_to, so padding costs no compute. Sums over micro-batches are unchanged.
+    """
     out = []
     S = batch.input_ids.shape[1]
     pos = torch.arange(S).unsqueeze(0)
+    ends = S - batch.response_mask.flip(1).argmax(1)  # [B] input tokens a row needs
+    if trim_to:
+        rows = rows[torch.argsort(ends[rows], stable=True)]
     for i in range(0, len(rows), size):
         r = rows[i : i + size]
+        s = S
+        if trim_to:
+            s = min(S, -(-int(ends[r].max()) // trim_to) * trim_to)
         mb = {
-            "input_ids": batch.input_ids[r],
-            "position_ids": pos.expand(len(r), S),
-            "targets": batch.targets[r],
-            "mask": batch.response_mask[r],
+            "rows": r,
+            "input_ids": batch.input_ids[r, :s],
+            "position_ids": pos[:, :s].expand(len(r), s),
+            "targets": batch.targets[r, :s],
+            "mask": batch.response_mask[r, :s],
         }
         for k, v in per_token.items():
             if v is not None:
-                mb[k] = v[r]
+                mb[k] = v[r, :s]
         out.append(mb)
     return out
+
+
+def scatter_rows(outs: list[torch.Tensor], mbs: list[dict], B: int, S: int) -> torch.Tensor:
+    """[B, S] from per-micro-batch [b_i, s_i] outputs, put back at their rows (zeros beyond s_i)."""
+    full = outs[0].new_zeros((B, S))
+    for o, mb in zip(outs, mbs):
+        full[mb["rows"], : o.shape[1]] = o
+    return full
 
 
 class Timer:
@@ -110,7 +131,7 @@ def _tokens_logprobs(logits: torch.Tensor, mb: dict, temperature: float, tp_grou
     return logp.view(b, s), ent.view(b, s)
 
 
-def forward_logprobs(chunks, mbs: list[dict], temperature: float, groups) -> torch.Tensor | None:
+def forward_logprobs(chunks, mbs: list[dict], temperature: float, groups, shape: tuple[int, int]) -> torch.Tensor | None:
     """[B, S] log-probs of the targets (last pipeline stage; None elsewhere)."""
     from megarl.trainers.megatron_train import run_microbatches
 
@@ -121,7 +142,7 @@ def forward_logprobs(chunks, mbs: list[dict], temperature: float, groups) -> tor
     for c in chunks:
         c.eval()
     out = run_microbatches(chunks, mbs, loss_fn, dp=groups.dp, forward_only=True)
-    return torch.cat([o["logp"] for o in out]) if out else None
+    return scatter_rows([o["logp"] for o in out], mbs, *shape) if out else None
 
 
 def _reduce_mean(values: list[float], group) -> list[float]:
@@ -253,11 +274,19 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
             )
 
         # old / reference log-probs --------------------------------------------------------------
+        # On-policy (one epoch, one mini-batch) the old policy is the current one: the update's
+        # own detached log-probs serve as old_logp (ratio 1, same gradient), unless the KL
+        # penalty must enter the rewards before the update.
         rows = torch.arange(B)
         mbs = cfg.train.micro_batch_size
+        shape = tuple(batch.input_ids.shape)
+        trim = layout.tp if layout.pp == 1 else 0
+        on_policy = cfg.train.epochs == 1 and cfg.train.mini_batches == 1 and cfg.actor.kl.placement != "reward"
         with timer("logprob"):
-            old_logp = forward_logprobs(actor.chunks, microbatches(batch, rows, mbs), cfg.rollout.temperature, groups)
-            ref_logp = (forward_logprobs(ref_chunks, microbatches(batch, rows, mbs), cfg.rollout.temperature, groups)
+            old_logp = None if on_policy else forward_logprobs(
+                actor.chunks, microbatches(batch, rows, mbs, trim_to=trim), cfg.rollout.temperature, groups, shape)
+            ref_logp = (forward_logprobs(ref_chunks, microbatches(batch, rows, mbs, trim_to=trim),
+                                         cfg.rollout.temperature, groups, shape)
                         if need_ref else None)
 
         # advantages (on every rank: cheap, and identical across a model-parallel group) -------
@@ -291,13 +320,15 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
                 perm = torch.randperm(B, generator=g) if cfg.train.mini_batches > 1 else rows
                 for m in range(cfg.train.mini_batches):
                     mini_rows = perm[m * per_mini : (m + 1) * per_mini]
-                    mb_list = microbatches(batch, mini_rows, mbs, old_logp=old_logp, ref_logp=ref_logp, adv=advantages)
+                    mb_list = microbatches(batch, mini_rows, mbs, trim_to=trim, old_logp=old_logp, ref_logp=ref_logp,
+                                           adv=advantages)
                     n_tok, n_seq = count_tokens_and_seqs([mb["mask"] for mb in mb_list], groups.dp_group)
 
                     def loss_fn(mb, logits, n_tok=n_tok, n_seq=n_seq):
                         logp, ent = _tokens_logprobs(logits.float(), mb, cfg.rollout.temperature, groups.tp_group)
+                        old = mb["old_logp"] if "old_logp" in mb else logp.detach()
                         out = compute_actor_loss(
-                            logp, mb["old_logp"], mb["adv"], mb["mask"], cfg.actor,
+                            logp, old, mb["adv"], mb["mask"], cfg.actor,
                             global_num_tokens=max(n_tok, 1), global_num_seqs=max(n_seq, 1),
                             ref_logp_BT=mb.get("ref_logp"), entropy_BT=ent,
                         )

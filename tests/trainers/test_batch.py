@@ -4,7 +4,7 @@ import torch
 
 from megarl.rollout import Completion
 from megarl.trainers.data import PromptStream, PromptRecord
-from megarl.trainers.rl import build_batch, microbatches
+from megarl.trainers.rl import build_batch, microbatches, scatter_rows
 
 
 def _c(i, ids, reason="stop"):
@@ -33,6 +33,25 @@ def test_microbatches_slice_rows_consistently():
     assert [mb["adv"][:, 0].tolist() for mb in mbs] == [[3.0, 1.0], [0.0, 2.0]]
     assert "old_logp" not in mbs[0]
     assert all(mb["position_ids"].shape == mb["input_ids"].shape for mb in mbs)
+
+
+def test_trimmed_microbatches_cover_every_response_token_once():
+    prompts = [[1, 2, 3], [4]]
+    comps = [_c(0, [5]), _c(0, [6, 7, 8, 9]), _c(1, [10]), _c(1, [11, 12])]
+    b = build_batch(prompts, comps, pad_id=0, n=2)
+    B, S = b.input_ids.shape
+    adv = torch.arange(B, dtype=torch.float)[:, None].expand(B, S)
+    mbs = microbatches(b, torch.arange(B), 2, trim_to=2, adv=adv)
+    # rows grouped by needed input length (3, 6, 1, 2 tokens), each micro-batch cut to an even length
+    assert [mb["rows"].tolist() for mb in mbs] == [[2, 3], [0, 1]]
+    assert [mb["input_ids"].shape[1] for mb in mbs] == [2, 6]
+    for mb in mbs:
+        for j, r in enumerate(mb["rows"].tolist()):
+            assert mb["targets"][j][mb["mask"][j].bool()].tolist() == comps[r].token_ids
+            assert (mb["adv"][j] == r).all()
+    # per-micro-batch outputs scatter back to the rows they came from; masked values intact
+    back = scatter_rows([mb["targets"].float() for mb in mbs], mbs, B, S)
+    assert torch.equal(back * b.response_mask, b.targets.float() * b.response_mask)
 
 
 def test_prompt_stream_resumes_exactly():
