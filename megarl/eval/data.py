@@ -191,13 +191,36 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
 ALIASES = {"arith": "arith_test", "minerva": "minerva_math", "gsm8k": "gsm8k_test"}
 
 
+def is_file_benchmark(name: str) -> bool:
+    """A benchmark given as a JSONL file path rather than a name."""
+    return name.endswith(".jsonl")
+
+
 def resolve_name(name: str) -> str:
-    """The canonical benchmark name (aliases resolved); ValueError for unknown names."""
+    """The canonical benchmark name (aliases resolved), or a JSONL path as given; ValueError for
+    unknown names."""
+    if is_file_benchmark(name):
+        return name
     canonical = ALIASES.get(name, name)
     if canonical not in BENCHMARKS:
         known = sorted(BENCHMARKS) + sorted(ALIASES)
-        raise ValueError(f"unknown benchmark {name!r}; expected one of {known}")
+        raise ValueError(f"unknown benchmark {name!r}; expected one of {known} or a path to a .jsonl file")
     return canonical
+
+
+def _jsonl_file(r: _Row, i: int, source: str) -> Record:
+    """A JSONL file of your own: `prompt` (chat messages, or text) or `problem` / `question`,
+    and `answer`; id = `id` or `index` if present, else the row index."""
+    prompt = r.get("prompt", r.get("problem", r.get("question")))
+    if prompt is None:
+        raise r.error("needs a `prompt`, `problem` or `question` field")
+    rid = r.get("id", r.get("index", i))
+    if isinstance(prompt, list):
+        chat = _arith(r, i, source)  # chat messages, validated as arith's
+        return Record(chat.problem, chat.answer, str(rid), source, {"messages": chat.extra["messages"]})
+    if not isinstance(prompt, str):
+        raise r.error(f"prompt must be text or a list of chat messages, got {type(prompt).__name__}")
+    return Record(prompt, _number_answer(r["answer"]), str(rid), source)
 
 
 def load_benchmark(name: str, *, limit: int | None = None, root: str | os.PathLike | None = None) -> list[Record]:
@@ -205,9 +228,16 @@ def load_benchmark(name: str, *, limit: int | None = None, root: str | os.PathLi
     canonical = resolve_name(name)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    spec = BENCHMARKS[canonical]
-    base = Path(root) if root is not None else data_dir()
-    path = base / spec.file
+    if is_file_benchmark(canonical):
+        spec = BenchmarkSpec(canonical, _jsonl_file, "a JSONL file")
+        base = Path(root) if root is not None else Path.cwd()
+        path = base / canonical
+        if not path.is_file():
+            raise FileNotFoundError(f"benchmark file {path} not found")
+    else:
+        spec = BENCHMARKS[canonical]
+        base = Path(root) if root is not None else data_dir()
+        path = base / spec.file
     if not path.is_file():
         raise FileNotFoundError(
             f"benchmark {canonical!r}: {path} not found (data directory {base}; set MEGARL_DATA "

@@ -65,6 +65,7 @@ class BenchmarkSettings:
 _GREEDY = BenchmarkSettings()
 _MEAN_OF_8 = BenchmarkSettings(n=8, temperature=0.6)
 _ARITH = BenchmarkSettings(max_new_tokens=48, template="chat", grader="last_integer")
+_FILE = BenchmarkSettings(template="chat")  # a benchmark given as a JSONL file
 DEFAULT_SETTINGS: dict[str, BenchmarkSettings] = {
     "math500": _GREEDY,
     "minerva_math": _GREEDY,
@@ -87,6 +88,10 @@ class EvalConfig:
     n, temperature, top_p, max_new_tokens, template: override every benchmark's default.
     seed: sampling seed (each engine call gets seed + its index, so runs are reproducible).
     batch_size: prompts per engine call.
+    verifier: grade every benchmark with "math" (answer equivalence) or "last_integer" instead
+    of its default (the RL trainer passes its correctness reward here).
+    Benchmarks may also be JSONL files (path ending in .jsonl; see megarl.eval.data): greedy,
+    3072 new tokens, "chat" template and the math verifier unless overridden.
     """
 
     benchmarks: tuple[str, ...]
@@ -98,6 +103,7 @@ class EvalConfig:
     template: str | None = None
     seed: int = 0
     batch_size: int = 16
+    verifier: Literal["math", "last_integer"] | None = None
     grader: GraderConfig = field(default_factory=GraderConfig)
     tir: TIRConfig = field(default_factory=TIRConfig)
 
@@ -115,7 +121,7 @@ class EvalConfig:
             self.settings_for(name)  # validates the overrides
 
     def settings_for(self, name: str) -> BenchmarkSettings:
-        base = DEFAULT_SETTINGS[resolve_name(name)]
+        base = DEFAULT_SETTINGS.get(resolve_name(name), _FILE)
         overrides = {
             k: v
             for k, v in (
@@ -124,6 +130,7 @@ class EvalConfig:
                 ("top_p", self.top_p),
                 ("max_new_tokens", self.max_new_tokens),
                 ("template", self.template),
+                ("grader", self.verifier),
             )
             if v is not None
         }
@@ -155,12 +162,16 @@ def run_eval(
     model: str = "",
     scorer: Scorer | None = None,
     log: Callable[[str], None] = lambda msg: None,
+    process_group: Any = None,
 ) -> tuple[dict, list[dict]]:
     """Evaluate on every benchmark of `config`; return (results, per-sample records).
 
     engine: a RolloutEngine. tokenizer: encodes the rendered prompts (and renders chat
     templates). scorer(records, responses) -> scores[p][s]: a reward model's scores; when
     given, RM@n is reported as well.
+    process_group: data-parallel evaluation (the RL trainer): every rank of the group calls
+    run_eval, generates and grades problems rank, rank + world, ..., and all ranks gather the
+    per-problem results and return the same metrics and samples.
     """
     results: dict[str, Any] = {
         "model": model,
@@ -178,7 +189,8 @@ def run_eval(
                 fn = grade_last_integer if settings.grader == "last_integer" else None
                 pools[settings.grader] = GraderPool(config.grader, grade_fn=fn)
             log(f"[eval] {name}: {dataclasses.asdict(settings)}")
-            summary, rows = _run_benchmark(engine, tokenizer, name, settings, config, pools[settings.grader], scorer, log)
+            summary, rows = _run_benchmark(engine, tokenizer, name, settings, config, pools[settings.grader], scorer,
+                                           log, process_group)
             results["benchmarks"][name] = summary
             samples.extend(rows)
             log(f"[eval] {name}: {summary['primary_metric']} = {summary['score']:.4f} "
@@ -195,9 +207,16 @@ def run_eval(
     return results, samples
 
 
-def _run_benchmark(engine, tokenizer, name, settings, config, pool, scorer, log) -> tuple[dict, list[dict]]:
+def _run_benchmark(engine, tokenizer, name, settings, config, pool, scorer, log, group=None) -> tuple[dict, list[dict]]:
     start = time.monotonic()
-    records = load_benchmark(name, limit=config.limit)
+    all_records = load_benchmark(name, limit=config.limit)
+    rank, world = 0, 1
+    if group is not None:
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+    mine = list(range(rank, len(all_records), world))
+    records = [all_records[i] for i in mine]
     template = get_template(settings.template)
     prompts = [template.render(r, tokenizer) for r in records]
     n = settings.n
@@ -219,7 +238,7 @@ def _run_benchmark(engine, tokenizer, name, settings, config, pool, scorer, log)
             nonlocal calls
             out: list[str] = []
             for i in range(0, len(texts), config.batch_size):
-                params = dataclasses.replace(sampling, seed=config.seed + calls)
+                params = dataclasses.replace(sampling, seed=config.seed + calls * world + rank)
                 calls += 1
                 out.extend(c.text for c in engine.generate([encode(t) for t in texts[i : i + config.batch_size]], params))
             return out
@@ -233,7 +252,7 @@ def _run_benchmark(engine, tokenizer, name, settings, config, pool, scorer, log)
                                     "exec_reasons": [r.reason for r in trace.executions]})
     else:
         for i in range(0, len(prompts), config.batch_size):
-            params = dataclasses.replace(sampling, seed=config.seed + calls)
+            params = dataclasses.replace(sampling, seed=config.seed + calls * world + rank)
             calls += 1
             batch = [encode(p) for p in prompts[i : i + config.batch_size]]
             log(f"[eval] {name}: generating {i + len(batch)}/{len(prompts)} prompts x {n}")
@@ -245,9 +264,25 @@ def _run_benchmark(engine, tokenizer, name, settings, config, pool, scorer, log)
     for p, r in enumerate(responses):
         assert len(r) == n, f"{name} problem {p}: {len(r)} responses, expected {n}"
 
-    flat_responses = [r for rs in responses for r in rs]
-    flat_answers = [rec.answer for rec in records for _ in range(n)]
-    grades = pool.grade_batch(flat_responses, flat_answers)
+    grades = pool.grade_batch([r for rs in responses for r in rs], [rec.answer for rec in records for _ in range(n)])
+    scores = [list(map(float, s)) for s in scorer(records, responses)] if scorer is not None else None
+    if world > 1:
+        # every rank gets every problem's results, in benchmark order
+        import torch.distributed as dist
+
+        parts: list = [None] * world
+        dist.all_gather_object(parts, (mine, responses, details, grades, scores), group=group)
+        by_index: dict[int, tuple] = {}
+        for idx, resp, det, grd, sc in parts:
+            for k, i in enumerate(idx):
+                by_index[i] = (resp[k], det[k], grd[k * n : (k + 1) * n], sc[k] if sc is not None else None)
+        order = range(len(all_records))
+        records = list(all_records)
+        responses = [by_index[i][0] for i in order]
+        details = [by_index[i][1] for i in order]
+        grades = [g for i in order for g in by_index[i][2]]
+        scores = [by_index[i][3] for i in order] if scorer is not None else None
+
     correct = [[g.correct for g in grades[p * n : (p + 1) * n]] for p in range(len(records))]
     extracted = [[g.extracted for g in grades[p * n : (p + 1) * n]] for p in range(len(records))]
 
@@ -263,9 +298,7 @@ def _run_benchmark(engine, tokenizer, name, settings, config, pool, scorer, log)
         if n > 1:
             equiv = _equivalence(pool, extracted) if settings.grader == "math" else None
             metrics[f"maj@{n}"] = maj_at_k(extracted, correct, n, equiv)
-    scores = None
-    if scorer is not None:
-        scores = [list(map(float, s)) for s in scorer(records, responses)]
+    if scores is not None:
         metrics[f"rm@{n}"] = rm_at_k(scores, correct, n)
 
     finish = Counter(d.get("finish_reason", "tir") for ds in details for d in ds)

@@ -9,6 +9,8 @@
                       ONE_SHOT_RLVR_SUFFIX as the user turn of the model's own chat template.
     chat              the record's own chat messages (arith) or the bare problem as the user turn,
                       through the model's chat template.
+    raw               the problem text exactly as written (models without a chat template, such
+                      as the CPU demo's character-level model).
 
 Templates that use the model's chat template need a tokenizer with one
 (tokenizer.apply_chat_template); the literal ones need no tokenizer.
@@ -43,11 +45,12 @@ def _chatml(system: str, user: str) -> str:
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """name: the CLI name. kind: "literal" (fixed text) or "chat" (the model's chat template).
+    """name: the CLI name. kind: "literal" (fixed text), "chat" (the model's chat template) or
+    "raw" (the problem text itself).
     stop: extra stop strings for generation. tool: the TIR loop drives generation."""
 
     name: str
-    kind: Literal["literal", "chat"]
+    kind: Literal["literal", "chat", "raw"]
     stop: tuple[str, ...] = ()
     tool: bool = False
     description: str = ""
@@ -60,6 +63,8 @@ class PromptTemplate:
 
     def render(self, record: Record, tokenizer: Any = None) -> str:
         """The prompt text for `record`."""
+        if self.kind == "raw":
+            return record.problem
         if self.kind == "literal":
             # Qwen's construct_prompt strips spaces around the question; so do we.
             system = TIR_SYSTEM if self.tool else COT_SYSTEM
@@ -80,6 +85,7 @@ TEMPLATES: dict[str, PromptTemplate] = {
                        description="Qwen2.5-Math tool-integrated reasoning (ChatML text)"),
         PromptTemplate("one-shot-rlvr", "chat", description="problem + the 1-shot RLVR suffix, model chat template"),
         PromptTemplate("chat", "chat", description="the record's messages, model chat template"),
+        PromptTemplate("raw", "raw", description="the problem text as is"),
     )
 }
 

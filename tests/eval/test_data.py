@@ -106,7 +106,7 @@ def test_literal_templates():
     )
     with pytest.raises(ValueError, match="unknown prompt template"):
         get_template("cot")
-    assert set(TEMPLATES) == {"qwen25-math-cot", "qwen25-math-tir", "one-shot-rlvr", "chat"}
+    assert set(TEMPLATES) == {"qwen25-math-cot", "qwen25-math-tir", "one-shot-rlvr", "chat", "raw"}
 
 
 def test_chat_templates_use_the_model_template():

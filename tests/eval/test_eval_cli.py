@@ -183,3 +183,54 @@ def test_write_results_is_atomic_and_readable(tmp_path):
     assert paths["samples"].read_text() == '{"a": 1}\n'
     assert "| math500 | 1 | 1 | 0 | t | pass@1 | 50.0 |" in render_markdown(results)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md", "samples.jsonl"]
+
+
+def _arith_script(prompt, s):
+    # right on even left operands, off by one otherwise
+    a, b = (int(x) for x in prompt.split("+"))
+    return f"= {a + b + (a % 2)}"
+
+
+def _sharded_eval(rank, world, port, path, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        config = EvalConfig(benchmarks=(str(path),), template="raw", verifier="last_integer", grader=GRADER,
+                            batch_size=2, max_new_tokens=8)
+        results, samples = run_eval(ScriptedEngine(_arith_script), CharTokenizer(), config,
+                                    process_group=dist.group.WORLD)
+        torch.save((results["benchmarks"][str(path)]["metrics"], samples), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_runner_jsonl_file_raw_template_and_data_parallel(tmp_path):
+    import torch.multiprocessing as mp
+
+    from megarl.parallel.groups import free_port
+
+    path = tmp_path / "sums.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{a}+{a + 1}", "answer": 2 * a + 1}) + "\n" for a in range(7)))
+    config = EvalConfig(benchmarks=(str(path),), template="raw", verifier="last_integer", grader=GRADER,
+                        batch_size=2, max_new_tokens=8)
+    engine = ScriptedEngine(_arith_script)
+    results, samples = run_eval(engine, CharTokenizer(), config)
+    assert results["benchmarks"][str(path)]["metrics"] == {"pass@1": pytest.approx(4 / 7)}  # a = 0, 2, 4, 6
+    assert engine.calls[0].temperature == 0.0 and engine.calls[0].max_new_tokens == 8
+    assert [s["correct"] for s in samples] == [a % 2 == 0 for a in range(7)]
+    # two data-parallel ranks: each generates half the problems; both return the unsharded results
+    mp.spawn(_sharded_eval, args=(2, free_port(), path, str(tmp_path / "out")), nprocs=2)
+    for rank in range(2):
+        metrics, sharded = torch.load(tmp_path / f"out.{rank}")
+        assert metrics == results["benchmarks"][str(path)]["metrics"]
+        assert sharded == samples
+
+
+def test_eval_config_rejects_unknown_benchmark_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="unknown benchmark 'math5000'.*jsonl"):
+        EvalConfig(benchmarks=("math5000",))
+    from megarl.eval.data import load_benchmark
+
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        load_benchmark(str(tmp_path / "missing.jsonl"))
