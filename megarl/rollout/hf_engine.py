@@ -7,15 +7,18 @@
 Prompts of a call are generated together (left padded, in chunks of max_batch_size), n
 samples per prompt via num_return_sequences (prompt-major order, as the protocol requires).
 
-Log-probs: for sampling (temperature > 0) they are the log-softmax of the processed scores that
-transformers samples from (temperature, then top-k, then top-p), i.e. the sampling
-distribution; for greedy decoding (temperature == 0), whose sampling distribution is a point
-mass, they are the model's own distribution (log-softmax of the raw logits), which is what a
-trainer comparing against its own forward pass needs.
+Log-probs and stop strings follow the convention of megarl.rollout.engine (the same as
+MegatronEngine and VLLMEngine): SamplingParams.logprobs_mode="unfiltered" (default) reports
+log softmax(logits / temperature) over the whole vocabulary, from transformers' raw logits
+(output_logits); "processed" reports the log-softmax of the processed scores transformers
+samples from (temperature, then top-k, then top-p: output_scores). Greedy decoding reports the
+model's own distribution (log-softmax of the raw logits) in both modes.
 
-Stop strings end a sequence at the token that completes the first occurrence; that token stays
-in token_ids and text (as the protocol says), later tokens are dropped. EOS ends a sequence and
-is kept in token_ids; text is decoded without special tokens.
+A stop string ends a sequence at the token that completes its first occurrence; that token
+stays in token_ids, later tokens are dropped; the text ends just before the stop string
+(include_stop_str_in_output=False, the default) or just after it (True). EOS ends a sequence
+and is kept in token_ids; text is decoded without special tokens. extra["stop_reason"] is the
+stop string, the EOS id or None.
 
 sleep()/wake(): on an accelerator, sleep moves the weights to host memory and frees the cache;
 on CPU there is nothing to free and both are no-ops.
@@ -28,7 +31,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from megarl.rollout.engine import Completion, SamplingParams
+from megarl.rollout.engine import Completion, SamplingParams, cut_at_stop
 
 
 class HFEngine:
@@ -138,6 +141,7 @@ class HFEngine:
             input_ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
             attention_mask[i, width - len(p) :] = 1
         greedy = sampling.temperature == 0
+        processed = sampling.logprobs and not greedy and sampling.logprobs_mode == "processed"
         # Greedy samples are all the same sequence: decode once, copy n times.
         copies = sampling.n if greedy else 1
         # Built from scratch so the model's generation_config.json cannot add processors
@@ -153,8 +157,9 @@ class HFEngine:
             eos_token_id=list(self.eos_token_ids) or None,
             pad_token_id=self.pad_token_id,
             return_dict_in_generate=True,
-            output_scores=sampling.logprobs and not greedy,
-            output_logits=sampling.logprobs and greedy,
+            # processed: the scores transformers samples from; otherwise the raw logits
+            output_scores=processed,
+            output_logits=sampling.logprobs and not processed,
         )
         criteria = None
         if sampling.stop:
@@ -169,18 +174,22 @@ class HFEngine:
                 stopping_criteria=criteria,
             )
         generated = result.sequences[:, width:].cpu()
-        steps = None
+        steps, scale = None, 1.0
         if sampling.logprobs:
-            steps = result.logits if greedy else result.scores
+            steps = result.scores if processed else result.logits
+            if not greedy and not processed:
+                scale = 1.0 / sampling.temperature  # unfiltered: the raw logits at the temperature
         completions = []
         for row in range(generated.shape[0]):
-            ids, finish = self._trim(generated[row].tolist(), sampling)
+            ids, finish, reason = self._trim(generated[row].tolist(), sampling)
             logprobs = None
             if steps is not None:
-                logprobs = [
-                    torch.log_softmax(steps[t][row].float(), dim=-1)[tok].item() for t, tok in enumerate(ids)
-                ]
+                rows_TV = torch.stack([steps[t][row] for t in range(len(ids))]).float() * scale
+                logprobs = torch.log_softmax(rows_TV, dim=-1).gather(-1, torch.tensor(ids)[:, None].to(rows_TV.device))
+                logprobs = logprobs[:, 0].tolist()
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if isinstance(reason, str):
+                text = cut_at_stop(text, reason, sampling.include_stop_str_in_output)
             for _ in range(copies):
                 completions.append(
                     Completion(
@@ -189,22 +198,25 @@ class HFEngine:
                         text=text,
                         logprobs=list(logprobs) if logprobs is not None else None,
                         finish_reason=finish,
+                        extra={"stop_reason": reason},
                     )
                 )
         return completions
 
-    def _trim(self, ids: list[int], sampling: SamplingParams) -> tuple[list[int], str]:
-        """Cut after EOS or after the token completing the first stop string."""
-        end, finish = len(ids), "length"
+    def _trim(self, ids: list[int], sampling: SamplingParams) -> tuple[list[int], str, int | str | None]:
+        """Cut after EOS or after the token completing the first stop string:
+        (ids, finish reason, stop reason: the EOS id, the stop string or None)."""
+        end, finish, reason = len(ids), "length", None
         for t, tok in enumerate(ids):
             if tok in self.eos_token_ids:
-                end, finish = t + 1, "stop"
+                end, finish, reason = t + 1, "stop", tok
                 break
         if sampling.stop:
             text = self.tokenizer.decode(ids[:end], skip_special_tokens=False)
-            hits = [text.find(s) + len(s) for s in sampling.stop if s in text]
+            # (end of the first occurrence, list position, string): the earliest completed wins
+            hits = [(text.find(s) + len(s), i, s) for i, s in enumerate(sampling.stop) if s in text]
             if hits:
-                first = min(hits)
+                first, _, reason = min(hits)
                 # The shortest prefix whose text already contains that stop string.
                 lo, hi = 1, end
                 while lo < hi:
@@ -214,7 +226,7 @@ class HFEngine:
                     else:
                         lo = mid + 1
                 end, finish = lo, "stop"
-        return ids[:end], finish
+        return ids[:end], finish, reason
 
 
 class _StopStrings:

@@ -23,14 +23,16 @@ How a batch is generated (measurements in docs/rollout.md, "In-process engine"):
     stage by point-to-point send/recv (virtual stages in megatron's interleaved order), the
     last stage samples and broadcasts (token, log-prob) over the pipeline group.
 
-Sampling semantics (see megarl.rollout.sampling): log-probs are of the unfiltered distribution
-at the temperature (raw model log-probs for greedy); completion (prompt p, sample s) draws its
-uniforms from its own stream seeded by (SamplingParams.seed, p, s), so a seeded completion is
-the same whatever the batching and parallel layout; seed=None derives the seed from
-MegatronEngineConfig.seed and a call counter (reproducible runs, fresh draws per call). Stop
-strings end a completion as in vLLM (include_stop_str_in_output=False): `token_ids` keep every
-generated token up to the one completing the stop string, `text` ends before the stop string.
-EOS is kept in `token_ids`; `text` is decoded with skip_special_tokens=True.
+Sampling semantics (see megarl.rollout.sampling): log-probs follow SamplingParams.logprobs_mode
+("unfiltered": the whole distribution at the temperature, the default; "processed": the
+filtered distribution the token was drawn from; the model's own distribution for greedy);
+completion (prompt p, sample s) draws its uniforms from its own stream seeded by
+(SamplingParams.seed, p, s), so a seeded completion is the same whatever the batching and
+parallel layout; seed=None derives the seed from MegatronEngineConfig.seed and a call counter
+(reproducible runs, fresh draws per call). Stop strings end a completion as in vLLM:
+`token_ids` keep every generated token up to the one completing the stop string, `text` ends
+before the stop string (SamplingParams.include_stop_str_in_output=False, the default) or right
+after it (True). EOS is kept in `token_ids`; `text` is decoded with skip_special_tokens=True.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from megarl.rollout.engine import Completion, SamplingParams
+from megarl.rollout.engine import Completion, SamplingParams, cut_at_stop
 from megarl.rollout.sampling import SAMPLING_METHODS, sample_vocab_parallel
 
 
@@ -341,8 +343,6 @@ class MegatronEngine:
             raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         if sampling.stop and self.tokenizer is None:
             raise ValueError("SamplingParams.stop needs a tokenizer: construct MegatronEngine with one")
-        if any(not isinstance(s, str) or not s for s in sampling.stop):
-            raise ValueError(f"SamplingParams.stop must hold non-empty strings, got {sampling.stop!r}")
         if len(prompts) == 0:
             raise ValueError("generate: no prompts")
         out = []
@@ -471,7 +471,8 @@ class MegatronEngine:
         if self.groups.is_last_pp_stage:
             tokens, logprobs = sample_vocab_parallel(
                 logits, u_B, sampling.temperature, sampling.top_k, sampling.top_p,
-                self.groups.tp_group if self.layout.tp > 1 else None, self.config.tp_sampling)
+                self.groups.tp_group if self.layout.tp > 1 else None, self.config.tp_sampling,
+                sampling.logprobs_mode)
         if self.layout.pp == 1:
             return tokens, logprobs
         buf = torch.empty(2, u_B.shape[0], dtype=torch.float64, device=self.device)
@@ -599,11 +600,7 @@ class MegatronEngine:
             reason, what = finish[r]
             text = self.tokenizer.decode(ids_r, skip_special_tokens=True) if self.tokenizer is not None else ""
             if reason == "stop" and isinstance(what, str):
-                # as vLLM (include_stop_str_in_output=False): the text ends before the stop
-                # string; token_ids keep every generated token, the stop string's included
-                cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-                if cut >= 0:
-                    text = text[:cut]
+                text = cut_at_stop(text, what, sampling.include_stop_str_in_output)
             stats["new_tokens"] += len(ids_r)
             results[key] = Completion(prompt_index=key[0], token_ids=ids_r, text=text,
                                       logprobs=out_lp[r] if sampling.logprobs else None,

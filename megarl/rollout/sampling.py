@@ -13,9 +13,12 @@ Conventions (shared by every function here):
     then top-p keeps the smallest prefix of the probability-sorted tokens whose mass reaches
     top_p (always at least one token; top_p >= 1: off), on the distribution renormalised after
     top-k, as vLLM orders them;
-  * the returned log-prob is log softmax(z)[token] on the UNFILTERED distribution at the
-    temperature (temperature 1 for greedy): what the trainer recomputes from its own logits
-    (vLLM's default "raw" log-probs). Filtering only decides which tokens can be drawn;
+  * the returned log-prob depends on `logprobs_mode` (megarl.rollout.engine.LOGPROBS_MODES):
+    "unfiltered" (default): log softmax(z)[token] over the whole vocabulary at the temperature,
+    what the trainer recomputes from its own logits (filtering only decides which tokens can
+    be drawn); "processed": log softmax over the tokens the filters kept, i.e. the distribution
+    the token was drawn from (vLLM's "processed_logprobs"). Greedy reports log softmax(logits)
+    (temperature 1) in both modes;
   * a logit of the dtype's lowest value or -inf (padded vocabulary rows) has probability 0.
 
 top-p without top-k looks for the nucleus among the NUCLEUS_CANDIDATES most likely tokens
@@ -29,6 +32,8 @@ Shapes: logits [B, V] (or a shard [B, V_local] holding global ids [rank * V_loca
 from __future__ import annotations
 
 import torch
+
+from megarl.rollout.engine import LOGPROBS_MODES
 
 SAMPLING_METHODS = ("gather", "gather_free")
 NUCLEUS_CANDIDATES = 1024
@@ -79,6 +84,19 @@ def _inverse_cdf(weights_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
     return idx.squeeze(-1).clamp_(max=weights_BV.shape[-1] - 1)
 
 
+def _check_mode(logprobs_mode: str) -> None:
+    if logprobs_mode not in LOGPROBS_MODES:
+        raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
+
+
+def _kept_lse(vals_BC: torch.Tensor, keep_BC: torch.Tensor | None) -> torch.Tensor:
+    """logsumexp [B] over the candidates the filters kept: the normaliser of the processed
+    (filtered, renormalised) distribution."""
+    if keep_BC is not None:
+        vals_BC = vals_BC.masked_fill(~keep_BC, float("-inf"))
+    return torch.logsumexp(vals_BC, dim=-1)
+
+
 def _draw(vals_BC: torch.Tensor, ids_BC: torch.Tensor, keep_BC: torch.Tensor | None, u_B: torch.Tensor
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(token ids [B], their z [B]) drawn among candidates, walking the CDF in id order: the
@@ -106,8 +124,9 @@ def top_k_top_p_mask(z_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 
 
 def sample(logits_BV: torch.Tensor, u_B: torch.Tensor, temperature: float, top_k: int = 0,
-           top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+           top_p: float = 1.0, logprobs_mode: str = "unfiltered") -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [B] and their log-probs [B] from full-vocabulary logits [B, V] (see module doc)."""
+    _check_mode(logprobs_mode)
     z = scaled_logits(logits_BV, temperature)
     lse = torch.logsumexp(z, dim=-1)
     vocab = z.shape[-1]
@@ -119,7 +138,10 @@ def sample(logits_BV: torch.Tensor, u_B: torch.Tensor, temperature: float, top_k
         tok_z = z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     else:
         vals, ids = _candidates(z, top_k, top_p, lse)
-        tokens, tok_z = _draw(vals, ids, _keep(vals, _top_k_active(top_k, vocab), top_p, lse), u_B)
+        keep = _keep(vals, _top_k_active(top_k, vocab), top_p, lse)
+        tokens, tok_z = _draw(vals, ids, keep, u_B)
+        if logprobs_mode == "processed":
+            lse = _kept_lse(vals, keep)
     return tokens, (tok_z - lse).float()
 
 
@@ -140,8 +162,8 @@ def _combine_lse(m_WB: torch.Tensor, s_WB: torch.Tensor) -> torch.Tensor:
 
 
 def sample_vocab_parallel(logits_BV: torch.Tensor, u_B: torch.Tensor, temperature: float,
-                          top_k: int, top_p: float, tp_group, method: str = "gather_free"
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+                          top_k: int, top_p: float, tp_group, method: str = "gather_free",
+                          logprobs_mode: str = "unfiltered") -> tuple[torch.Tensor, torch.Tensor]:
     """`sample` on vocabulary shards: each TP rank passes its [B, V_local] slice (rank order =
     vocab order), all ranks get the same tokens (global ids) and log-probs.
 
@@ -155,16 +177,17 @@ def sample_vocab_parallel(logits_BV: torch.Tensor, u_B: torch.Tensor, temperatur
 
     if method not in SAMPLING_METHODS:
         raise ValueError(f"sampling method must be one of {SAMPLING_METHODS}, got {method!r}")
+    _check_mode(logprobs_mode)
     world = 1 if tp_group is None else dist.get_world_size(tp_group)
     if world == 1:
-        return sample(logits_BV, u_B, temperature, top_k, top_p)
+        return sample(logits_BV, u_B, temperature, top_k, top_p, logprobs_mode)
     rank = dist.get_rank(tp_group)
     batch, v_local = logits_BV.shape
     vocab = world * v_local
 
     def gathered() -> tuple[torch.Tensor, torch.Tensor]:
         full = _gather_rows(logits_BV, tp_group)  # [W, B, V_local]
-        return sample(full.permute(1, 0, 2).reshape(batch, vocab), u_B, temperature, top_k, top_p)
+        return sample(full.permute(1, 0, 2).reshape(batch, vocab), u_B, temperature, top_k, top_p, logprobs_mode)
 
     if method == "gather":
         return gathered()
@@ -195,7 +218,10 @@ def sample_vocab_parallel(logits_BV: torch.Tensor, u_B: torch.Tensor, temperatur
         ids = cand_id.gather(-1, order)
         if not k_active and not bool((torch.exp(vals - lse[:, None]).sum(-1) >= top_p).all()):
             return gathered()  # a nucleus beyond the candidates: decided identically on all ranks
-        tokens, tok_z = _draw(vals, ids, _keep(vals, k_active, top_p, lse), u_B)
+        keep = _keep(vals, k_active, top_p, lse)
+        tokens, tok_z = _draw(vals, ids, keep, u_B)
+        if logprobs_mode == "processed":
+            lse = _kept_lse(vals, keep)
         return tokens.long(), (tok_z - lse).float()
 
     # Plain sampling: shard masses place u on one rank, which inverts its local CDF.

@@ -18,11 +18,14 @@ How it maps onto vLLM (0.32):
     `distributed_executor_backend="external_launcher"`: every torchrun rank holds one vLLM
     worker of a tensor_parallel_size group and loads the full HF tensors it receives (vLLM
     narrows them to its shard);
-  * log-probs: `logprobs_mode="processed_logprobs"`, so the reported log-prob of a sampled token
-    is under the sampling distribution (after temperature, top-k, top-p), as the RolloutEngine
-    protocol says; greedy requests report the model's own distribution;
-  * stop strings are kept in the text (`include_stop_str_in_output`), EOS ends a completion and
-    its id stays in token_ids, as in the protocol;
+  * log-probs (SamplingParams.logprobs_mode, megarl.rollout.engine): the LLM is built with
+    vLLM's `logprobs_mode="processed_logprobs"` (after temperature, top-k, top-p), which is
+    megarl's "processed" mode, and also its "unfiltered" mode whenever top-k and top-p are off
+    (the distributions are then the same; greedy requests report the model's own distribution
+    in both). vLLM has no "temperature applied, filters not" mode (its "raw_logprobs" are
+    before temperature), so "unfiltered" together with top-k / top-p is a ValueError here;
+  * stop strings: `include_stop_str_in_output` is passed through (default False, vLLM's own
+    default); EOS ends a completion and its id stays in token_ids, as in the protocol;
   * sleep()/wake(): vLLM's sleep mode where it exists (CUDA, `enable_sleep_mode`): level 1
     offloads the weights to host memory, level 2 discards them, after which the engine reports
     `weights_version = None` (stale) until the next update_weights. Without sleep mode (CPU)
@@ -96,6 +99,41 @@ class VLLMEngineConfig:
             raise ValueError(f"llm_kwargs must not set {clash}: they are VLLMEngineConfig fields")
 
 
+VLLM_LOGPROBS_MODE = "processed_logprobs"  # the LLM-wide mode VLLMEngine builds vllm.LLM with
+
+
+def vllm_sampling_kwargs(sampling: SamplingParams, index: int) -> dict[str, Any]:
+    """Keyword arguments of vllm.SamplingParams for prompt `index` of a call (no vLLM needed).
+
+    Raises ValueError where vLLM cannot give megarl's meaning: logprobs_mode="unfiltered"
+    with top-k or top-p active on a sampling request (see the module docstring)."""
+    if not isinstance(sampling, SamplingParams):
+        raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+    filtered = sampling.top_k > 0 or sampling.top_p < 1.0
+    if sampling.logprobs and sampling.logprobs_mode == "unfiltered" and sampling.temperature > 0 and filtered:
+        raise ValueError(
+            "VLLMEngine: SamplingParams.logprobs_mode='unfiltered' with top_k/top_p is not available from "
+            f"vLLM (its samplers report log-probs before temperature or after the filters; got top_k="
+            f"{sampling.top_k}, top_p={sampling.top_p}): use logprobs_mode='processed', turn top-k/top-p "
+            "off, or pass logprobs=False and recompute log-probs with the trainer")
+    seed = None
+    if sampling.seed is not None:
+        # vLLM seeds the n samples of a request with seed + i; one seed for every prompt would
+        # give all prompts the same random stream, so each prompt gets its own block of n seeds
+        seed = (sampling.seed * 1_000_003 + index * sampling.n) % 2**62
+    return dict(
+        n=sampling.n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=max(sampling.top_k, 0),  # 0 disables top-k in vLLM
+        max_tokens=sampling.max_new_tokens,
+        stop=list(sampling.stop) or None,
+        include_stop_str_in_output=sampling.include_stop_str_in_output,
+        seed=seed,
+        logprobs=0 if sampling.logprobs else None,  # 0: only the sampled token's log-prob
+    )
+
+
 class VLLMEngine:
     """RolloutEngine over an in-process vllm.LLM built from an HF model directory."""
 
@@ -123,7 +161,7 @@ class VLLMEngine:
             dtype=config.dtype,
             tensor_parallel_size=config.tensor_parallel_size,
             seed=config.seed,
-            logprobs_mode="processed_logprobs",
+            logprobs_mode=VLLM_LOGPROBS_MODE,
             enforce_eager=config.enforce_eager,
             gpu_memory_utilization=config.gpu_memory_utilization,
         )
@@ -150,8 +188,7 @@ class VLLMEngine:
         """n completions per prompt, prompt-major: [p0s0, p0s1, ..., p1s0, ...]."""
         if self._asleep:
             raise RuntimeError("VLLMEngine.generate called while asleep: call wake() first")
-        if not isinstance(sampling, SamplingParams):
-            raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        vllm_sampling_kwargs(sampling, 0)  # bad or unsupported settings fail before any work
         if len(prompts) == 0:
             raise ValueError("generate: no prompts")
         inputs = []
@@ -160,26 +197,8 @@ class VLLMEngine:
             if not ids:
                 raise ValueError(f"prompts[{i}] is empty")
             inputs.append({"prompt_token_ids": ids})
-        def params(index: int):
-            seed = None
-            if sampling.seed is not None:
-                # vLLM seeds the n samples of a request with seed + i; one seed for every prompt
-                # would give all prompts the same random stream, so each prompt gets its own
-                # block of n seeds
-                seed = (sampling.seed * 1_000_003 + index * sampling.n) % 2**62
-            return self._vllm.SamplingParams(
-                n=sampling.n,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=max(sampling.top_k, 0),  # 0 disables top-k in vLLM
-                max_tokens=sampling.max_new_tokens,
-                stop=list(sampling.stop) or None,
-                include_stop_str_in_output=True,
-                seed=seed,
-                logprobs=0 if sampling.logprobs else None,  # 0: only the sampled token's log-prob
-            )
-
-        outputs = self.llm.generate(inputs, [params(i) for i in range(len(inputs))], use_tqdm=False)
+        requests = [self._vllm.SamplingParams(**vllm_sampling_kwargs(sampling, i)) for i in range(len(inputs))]
+        outputs = self.llm.generate(inputs, requests, use_tqdm=False)
         completions = []
         for index, out in enumerate(outputs):
             for sample in sorted(out.outputs, key=lambda o: o.index):

@@ -87,10 +87,16 @@ def test_sampling_logprobs_seed_and_order(engine):
     assert [c.prompt_index for c in first] == [0, 0, 0, 1, 1, 1]
     assert [c.token_ids for c in first] == [c.token_ids for c in again]
     assert [c.token_ids for c in first] != [c.token_ids for c in other]
-    for c in first:
-        # Log-probs of the sampling distribution: temperature, then the top-k filter.
-        expected = _forward_logprobs(engine, prompts[c.prompt_index], c.token_ids, temperature=0.7, top_k=20)
+    processed = engine.generate(prompts, SamplingParams(n=3, temperature=0.7, top_k=20, max_new_tokens=8, seed=123,
+                                                        logprobs_mode="processed"))
+    assert [c.token_ids for c in processed] == [c.token_ids for c in first]  # the mode never changes the draws
+    for c, d in zip(first, processed):
+        # default ("unfiltered"): log softmax(logits / T) over the whole vocabulary
+        expected = _forward_logprobs(engine, prompts[c.prompt_index], c.token_ids, temperature=0.7)
         torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=1e-4)
+        # "processed": the distribution sampled from (temperature, then the top-k filter)
+        expected = _forward_logprobs(engine, prompts[c.prompt_index], c.token_ids, temperature=0.7, top_k=20)
+        torch.testing.assert_close(torch.tensor(d.logprobs), expected, atol=1e-4, rtol=1e-4)
     # The global RNG is left alone.
     torch.manual_seed(7)
     a = torch.rand(1)
@@ -106,11 +112,17 @@ def test_stop_strings_and_eos(engine):
     stop = text[6:9]
     assert stop.strip(), text
     stopped = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=16, stop=(stop,)))[0]
-    assert stopped.finish_reason == "stop"
-    assert free.token_ids[: len(stopped.token_ids)] == stopped.token_ids
-    assert stop in stopped.text and stopped.text.index(stop) + len(stop) > len(
-        engine.tokenizer.decode(stopped.token_ids[:-1], skip_special_tokens=False)
-    )  # the last kept token completes the stop string
+    kept = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=16, stop=(stop,),
+                                                    include_stop_str_in_output=True))[0]
+    assert stopped.finish_reason == kept.finish_reason == "stop"
+    assert stopped.extra["stop_reason"] == kept.extra["stop_reason"] == stop
+    assert free.token_ids[: len(stopped.token_ids)] == stopped.token_ids == kept.token_ids
+    full = engine.tokenizer.decode(stopped.token_ids, skip_special_tokens=True)
+    assert stop in full and stop not in engine.tokenizer.decode(stopped.token_ids[:-1], skip_special_tokens=False)
+    # the last kept token completes the stop string
+    # default (as vLLM): the text ends before the stop string; include_stop_str_in_output: right after it
+    assert stopped.text == full[: full.index(stop)]
+    assert kept.text == full[: full.index(stop) + len(stop)]
     assert len(stopped.logprobs) == len(stopped.token_ids)
     # EOS: pretend the 4th greedy token is the end-of-sequence token.
     eos = free.token_ids[3]
@@ -122,6 +134,7 @@ def test_stop_strings_and_eos(engine):
         engine.eos_token_ids = saved
     first = free.token_ids.index(eos)
     assert ended.token_ids == free.token_ids[: first + 1] and ended.finish_reason == "stop"
+    assert ended.extra["stop_reason"] == eos and free.extra["stop_reason"] is None
 
 
 def test_update_weights(tmp_path, engine, llama_dir):

@@ -43,6 +43,30 @@ def test_config_errors_name_the_field():
         VLLMEngineConfig(llm_kwargs={"seed": 1})
 
 
+def test_sampling_params_map_onto_vllm():
+    """The megarl -> vllm.SamplingParams mapping (no vLLM needed): the convention fields pass
+    through, and the one combination vLLM cannot give is a clear error."""
+    from megarl.rollout.vllm_engine import VLLM_LOGPROBS_MODE, vllm_sampling_kwargs
+
+    assert VLLM_LOGPROBS_MODE == "processed_logprobs"  # after temperature, top-k and top-p
+    kw = vllm_sampling_kwargs(SamplingParams(n=2, temperature=0.7, max_new_tokens=5, stop=("</a>",), seed=3), 1)
+    assert kw == dict(n=2, temperature=0.7, top_p=1.0, top_k=0, max_tokens=5, stop=["</a>"],
+                      include_stop_str_in_output=False, seed=3 * 1_000_003 + 2, logprobs=0)
+    assert vllm_sampling_kwargs(SamplingParams(include_stop_str_in_output=True, logprobs=False, top_k=-1), 0) \
+        == dict(n=1, temperature=1.0, top_p=1.0, top_k=0, max_tokens=256, stop=None,
+                include_stop_str_in_output=True, seed=None, logprobs=None)
+    # processed log-probs with filters: vLLM's processed_logprobs are exactly that
+    assert vllm_sampling_kwargs(SamplingParams(top_k=5, top_p=0.9, logprobs_mode="processed"), 0)["top_k"] == 5
+    # unfiltered needs no filter on a sampling request (greedy, or logprobs off, is fine)
+    vllm_sampling_kwargs(SamplingParams(temperature=0.0, top_k=5), 0)
+    vllm_sampling_kwargs(SamplingParams(top_p=0.9, logprobs=False), 0)
+    for bad in (SamplingParams(top_k=5), SamplingParams(top_p=0.9)):
+        with pytest.raises(ValueError, match="logprobs_mode='unfiltered' with top_k/top_p is not available"):
+            vllm_sampling_kwargs(bad, 0)
+    with pytest.raises(ValueError, match="sampling must be a SamplingParams"):
+        vllm_sampling_kwargs({"n": 1}, 0)
+
+
 def _save_model(path: Path) -> None:
     """Tiny Qwen2 (head_dim 64, which vLLM's CPU attention supports) with a word-level tokenizer."""
     from tokenizers import Tokenizer, models
@@ -119,6 +143,19 @@ def test_sync_checksums_probe_and_greedy(setup):
     assert engine.weights_version == bridge.trainer_version and not bridge.is_stale(engine)
     kind, diff = _bridge(setup, probe_mode="generate").verify(engine)  # the sampler's own log-probs
     assert kind == "generate" and diff <= ATOL
+    # both log-prob modes against the trainer's logits (megatron_engine_script.reference_logprobs)
+    from megatron_engine_script import reference_logprobs
+
+    for mode, (t, k, p) in (("unfiltered", (0.8, 0, 1.0)), ("processed", (0.8, 0, 1.0)),
+                            ("processed", (1.2, 3, 1.0)), ("processed", (1.0, 0, 0.7))):
+        done = engine.generate([[5, 6, 7, 8]], SamplingParams(n=2, temperature=t, top_k=k, top_p=p, max_new_tokens=6,
+                                                               seed=1, logprobs_mode=mode))
+        for c in done:
+            seq = [5, 6, 7, 8] + c.token_ids
+            with torch.no_grad():
+                logits = chunks[0](torch.tensor([seq]), torch.arange(len(seq))[None], None)[0, 3:-1, : spec.vocab_size]
+            ref = reference_logprobs(logits, c.token_ids, t, k, p, mode)
+            assert max(abs(a - b) for a, b in zip(c.logprobs, ref)) <= ATOL, (mode, t, k, p)
     prompts = [[5, 6, 7, 8], [40, 41]]
     out = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=10))
     for p, c in zip(prompts, out):
@@ -176,9 +213,13 @@ def test_sampling_seeds_stops_and_sleep(setup):
     assert [c.token_ids for c in other] != [c.token_ids for c in a]
 
     stop = "t" + str(a[0].token_ids[2])  # the third token's text ends the completion
-    out = engine.generate(prompts[:1], SamplingParams(n=1, temperature=1.0, max_new_tokens=6, seed=11,
-                                                      stop=(stop,)))[0]
-    assert out.finish_reason == "stop" and out.text.endswith(stop) and len(out.token_ids) <= 3
+    outs = {include: engine.generate(prompts[:1], SamplingParams(n=1, temperature=1.0, max_new_tokens=6, seed=11,
+                                                                 stop=(stop,), include_stop_str_in_output=include))[0]
+            for include in (False, True)}
+    for include, out in outs.items():
+        assert out.finish_reason == "stop" and len(out.token_ids) <= 3 and out.token_ids == outs[False].token_ids
+    # the default (vLLM's and every megarl engine's) ends the text before the stop string
+    assert outs[True].text.endswith(stop) and outs[True].text == outs[False].text + stop
 
     engine.sleep()
     with pytest.raises(RuntimeError, match="asleep"):
