@@ -5,9 +5,11 @@ in megarl._C when it is built for the input's device, the torch reference otherw
     group_advantages(scores, group_ids, mode, eps=1e-6) -> advantages
     logprob_entropy(logits, targets, temperature=1.0, tp_group=None) -> (logprobs, entropy)
     logprob_entropy_from_hidden(hidden, weight, targets, temperature=1.0, tp_group=None, chunk_size=...)
+    checksum(t) -> [2] int64 (sum, index-weighted sum of t's bytes as int64 words)
 """
 
 from megarl.ops.advantages import gae, gae_reference, group_advantages, group_advantages_reference
+from megarl.ops.checksum import checksum, checksum_reference
 from megarl.ops.logprob_entropy import (
     logprob_entropy,
     logprob_entropy_from_hidden,
@@ -15,6 +17,8 @@ from megarl.ops.logprob_entropy import (
 )
 
 __all__ = [
+    "checksum",
+    "checksum_reference",
     "gae",
     "gae_reference",
     "group_advantages",

@@ -52,11 +52,11 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from megarl.ops.checksum import checksum
 from megarl.rollout.engine import SamplingParams
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ALIGN = 64  # bytes: every tensor in a packed bucket starts at a multiple of this
-_CHECK_BLOCK = 1024  # int64 words (8 KiB) per block of the position-weighted checksum
 
 
 class WeightSyncError(RuntimeError):
@@ -172,42 +172,12 @@ class SyncReport:
 # ---- checksums ------------------------------------------------------------------------------------
 
 
-def _checksum_words(t: torch.Tensor) -> torch.Tensor:
-    """[2] int64 (sum, position-weighted sum) of the tensor's bytes read as int64 words.
-
-    Integer sums wrap modulo 2**64, so the result does not depend on reduction order (same on
-    CPU and GPU, any thread count). The weighted sum weights every word of a small tensor by
-    its index and, for larger ones, every 8 KiB block's sum by the block index: data moved to
-    another place (a permuted layout) changes it, any other change moves the plain sum.
-    One read of the tensor, at about half the cost of copying it.
-    """
-    raw = t.detach().contiguous().view(-1).view(torch.uint8)
-    nbytes = raw.numel()
-    whole = nbytes // 8 * 8
-    if raw.storage_offset() % 8:
-        raw = raw.clone()
-    words = raw[:whole].view(torch.int64)
-    n = words.numel()
-    if n > _CHECK_BLOCK:
-        full = n // _CHECK_BLOCK * _CHECK_BLOCK
-        parts = words[:full].view(-1, _CHECK_BLOCK).sum(1)
-        if full < n:
-            parts = torch.cat([parts, words[full:].sum().view(1)])
-    else:
-        parts = words
-    weights = torch.arange(1, parts.numel() + 1, dtype=torch.int64, device=parts.device)
-    out = torch.stack([parts.sum(), (parts * weights).sum()])
-    if whole < nbytes:  # a few bytes that do not fill a word (e.g. 7 bf16 values)
-        tail = raw[whole:].to(torch.int64)
-        pos = torch.arange(1, tail.numel() + 1, dtype=torch.int64, device=tail.device)
-        out = out + torch.stack([tail.sum(), (tail * pos).sum() * 1000003])
-    return out
-
-
 def tensor_checksum(t: torch.Tensor) -> str:
-    """Checksum of a tensor's dtype, shape and exact bits, as a short string. Engines that
-    implement `weight_checksums` must compute it with this function."""
-    a, b = (int(x) for x in _checksum_words(t).tolist())
+    """Checksum of a tensor's dtype, shape and exact bits, as a short string: dtype, shape and
+    `megarl.ops.checksum` (the wrapping sum and index-weighted sum of its bytes as int64 words;
+    the fused C++/CUDA kernel, one read of the tensor). Engines that implement
+    `weight_checksums` must compute it with this function."""
+    a, b = (int(x) for x in checksum(t).tolist())
     return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}:{a & (2**64 - 1):016x}{b & (2**64 - 1):016x}"
 
 
@@ -215,7 +185,7 @@ def _checksums(tensors: Sequence[torch.Tensor]) -> list[str]:
     """tensor_checksum of many tensors with one device->host copy."""
     if not tensors:
         return []
-    words = torch.stack([_checksum_words(t) for t in tensors]).tolist()
+    words = torch.stack([checksum(t) for t in tensors]).tolist()
     return [
         f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}:{a & (2**64 - 1):016x}{b & (2**64 - 1):016x}"
         for t, (a, b) in zip(tensors, words)
@@ -593,7 +563,7 @@ class WeightBridge:
                         views[name].copy_(tensor)
                     if checksum:
                         t = time.perf_counter()
-                        sums_t.copy_(torch.stack([_checksum_words(v) for v in views.values()]))
+                        sums_t.copy_(torch.stack([checksum(v) for v in views.values()]))
                         report.checksum_s += time.perf_counter() - t
                 t = time.perf_counter()
                 dist.broadcast(buf, src=self.groups.pp_ranks[bucket.owner], group=self.groups.pp_group)
