@@ -36,6 +36,14 @@ class MetricsLogger:
             self.writer.add_scalar(key, value, step)
             self.writer.flush()
 
+    def scalars(self, metrics: dict[str, float], step: int) -> None:
+        """Metrics outside a training step (held-out evaluation before the first step):
+        TensorBoard only; metrics.jsonl keeps one row per training step."""
+        if self.enabled:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+
     def log_text(self, text: str) -> None:
         if self.enabled:
             self.bar.write(text, file=sys.stdout)
