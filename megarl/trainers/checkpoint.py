@@ -1,6 +1,6 @@
 """RL checkpoints: run_dir/checkpoints/step_NNNNNN/ holding each model-parallel rank's model and
-optimizer state, every rank's RNG states, and trainer_state.json (step, data position, reward
-state such as the HAPO history).
+optimizer state (and the PPO critic's, files prefixed "critic_"), every rank's RNG states, and
+trainer_state.json (step, data position, reward state such as the HAPO history).
 
 Writes go to step_NNNNNN.tmp and are renamed by rank 0 after every rank finished, so a crash
 mid-save never leaves a checkpoint that looks complete; only the newest `keep_last` are kept.
@@ -42,7 +42,9 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def save(run_dir: str, step: int, model, groups, trainer_state: dict, *, keep_last: int) -> str:
+def save(run_dir: str, step: int, model, groups, trainer_state: dict, *, keep_last: int, critic=None) -> str:
+    """Saves the actor `model` (and the PPO `critic`, files prefixed "critic_") with the RNG and
+    trainer state; returns the checkpoint directory."""
     root = _ckpt_root(run_dir)
     final = os.path.join(root, f"step_{step:06d}")
     tmp = final + ".tmp"
@@ -52,12 +54,14 @@ def save(run_dir: str, step: int, model, groups, trainer_state: dict, *, keep_la
         os.makedirs(tmp)
     dist.barrier()
     save_rank_state(tmp, model, groups)
+    if critic is not None:
+        save_rank_state(tmp, critic, groups, prefix="critic_")
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{dist.get_rank()}.pt"))
     if dist.get_rank() == 0:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({"step": step, "world_size": dist.get_world_size(),
                        "layout": {"tp": groups.layout.tp, "pp": groups.layout.pp, "vpp": groups.layout.vpp},
-                       **trainer_state}, f)
+                       "critic": critic is not None, **trainer_state}, f)
     dist.barrier()
     if dist.get_rank() == 0:
         if os.path.exists(final):
@@ -78,7 +82,7 @@ def latest(run_dir: str) -> str | None:
     return os.path.join(root, done[-1]) if done else None
 
 
-def load(path: str, model, groups) -> dict:
+def load(path: str, model, groups, critic=None) -> dict:
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
     if state["world_size"] != dist.get_world_size():
@@ -86,6 +90,12 @@ def load(path: str, model, groups) -> dict:
     lay = state["layout"]
     if (lay["tp"], lay["pp"], lay["vpp"]) != (groups.layout.tp, groups.layout.pp, groups.layout.vpp):
         raise ValueError(f"checkpoint {path} was saved with layout {lay}, this run uses {groups.layout}")
+    has_critic = bool(state.get("critic", False))
+    if has_critic != (critic is not None):
+        raise ValueError(f"checkpoint {path} was saved {'with' if has_critic else 'without'} a critic, this run "
+                         f"{'has' if critic is not None else 'has none'} (advantage.estimator 'gae' builds one)")
     load_rank_state(path, model, groups)
+    if critic is not None:
+        load_rank_state(path, critic, groups, prefix="critic_")
     _set_rng_state(torch.load(os.path.join(path, f"rng_rank{dist.get_rank()}.pt"), weights_only=False))
     return state

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from megarl.algorithms.advantages import AdvantageConfig
-from megarl.algorithms.losses import ActorLossConfig
-from megarl.algorithms.rewards import FormatRewardConfig, HapoConfig
+from megarl.algorithms.losses import ActorLossConfig, CriticLossConfig
+from megarl.algorithms.rewards import FormatRewardConfig, HapoConfig, PrmShapingConfig
 
 
 @dataclass(frozen=True)
@@ -100,12 +100,57 @@ class RewardTerm:
 
 
 @dataclass(frozen=True)
+class RewardModelConfig:
+    """A learned reward model, frozen, run forward-only on every step's rollouts.
+
+    kind: "orm" (outcome: one score per response, read at its last token) or "prm" (process:
+        one score per step, P(step correct) at each step end).
+    path: an HF directory (Qwen2ForRewardModel for orm, Qwen2ForProcessRewardModel for prm) or
+        a megarl checkpoint (MCORE_DIR with that head, saved at this run's tp/pp/vpp). It reads
+        the actor's token ids, so it must share the actor's tokenizer (same vocab_size).
+    alpha (orm): Qwen2.5-Math shaping, score = sigmoid(alpha * r_m) + (r_v - 1), r_v the
+        weighted sum of reward.terms (the verifier's 0/1 with the default single term).
+    step_separator (prm, required): a string that is one token of the actor's tokenizer; each
+        occurrence in a response ends a step, and the response's last token before any trailing
+        EOS ends the last one.
+    step_token (prm): a string that is one token (Qwen2.5-Math-PRM: "<extra_0>"): the PRM then
+        reads the response with each separator replaced by it and one appended after the last
+        step, and scores the steps there; null: the PRM scores the step-end tokens themselves.
+    shaping (prm): refinement of the step scores (clip: min(p - eta, 0), delta, clip_delta, none).
+    weight (prm): the shaped step rewards are multiplied by it and added to the token rewards.
+    """
+
+    kind: Literal["orm", "prm"]
+    path: str
+    alpha: float = 0.5
+    step_separator: str | None = None
+    step_token: str | None = None
+    shaping: PrmShapingConfig = field(default_factory=PrmShapingConfig)
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("path must name an HF reward-model directory or a megarl checkpoint")
+        if self.kind == "orm":
+            if self.step_separator is not None or self.step_token is not None:
+                raise ValueError("step_separator/step_token are for kind 'prm'; an orm scores the whole response")
+            if not self.alpha > 0:
+                raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        else:
+            if not self.step_separator:
+                raise ValueError("step_separator is required for kind 'prm' (a string that is one token, e.g. a newline)")
+            if self.step_token == "":
+                raise ValueError("step_token must be a non-empty string (one token) or null")
+
+
+@dataclass(frozen=True)
 class RewardConfig:
     terms: tuple[RewardTerm, ...] = (RewardTerm(),)
     grader_timeout_s: float = 5.0
     grader_workers: int = 2
     format: FormatRewardConfig = field(default_factory=FormatRewardConfig)
     hapo: HapoConfig = field(default_factory=HapoConfig)
+    model: RewardModelConfig | None = None
 
     def __post_init__(self) -> None:
         kinds = [t.kind for t in self.terms]
@@ -132,11 +177,30 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class CriticConfig:
+    """The critic of PPO (advantage.estimator "gae"): a megatron-core GPT with a value head at
+    the actor's tp/pp/vpp layout, its own optimizer, updated on the same mini-batches and epochs.
+
+    hf_dir: an HF directory to start from: a {Qwen2,Llama}ForTokenClassification with
+        num_labels=1 (value head loaded), or any causal LM (its body loaded, a fresh value head);
+        null: the actor's model.hf_dir with a fresh value head.
+    loss: the clipped value loss (value_clip, agg_mode, max_response_len).
+    optim: the critic's Adam and its own grad-norm clip.
+    """
+
+    hf_dir: str | None = None
+    loss: CriticLossConfig = field(default_factory=CriticLossConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """steps: RL steps. Each step's rollouts are split into `mini_batches` optimizer steps,
     repeated for `epochs` passes; micro_batch_size sequences per forward/backward.
     eval_every / save_every: in steps (0: only at the end / never). keep_last: checkpoints kept.
-    run_dir: where TensorBoard logs, the resolved recipe, metrics.jsonl and checkpoints go."""
+    run_dir: where TensorBoard logs, the resolved recipe, metrics.jsonl and checkpoints go.
+    save_rollouts: write each step's rollout tensors (ids, masks, rewards, values, advantages,
+    reward-model scores) to run_dir/rollouts/step_NNNNNN_dpR.pt, for inspection."""
 
     steps: int = 10
     epochs: int = 1
@@ -148,6 +212,7 @@ class TrainConfig:
     keep_last: int = 2
     run_dir: str = "runs/rl"
     resume: bool = True
+    save_rollouts: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "epochs", "mini_batches", "micro_batch_size", "keep_last"):
@@ -166,10 +231,25 @@ class RLConfig:
     actor: ActorLossConfig = field(default_factory=ActorLossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage.estimator == "gae"
 
     def __post_init__(self) -> None:
-        if self.advantage.estimator == "gae":
-            raise ValueError("advantage.estimator 'gae' needs a critic, which megarl's RL trainer does not build yet")
+        if not self.uses_critic and self.critic != CriticConfig():
+            raise ValueError(
+                f"critic is configured but advantage.estimator is {self.advantage.estimator!r}: "
+                "only 'gae' (PPO) builds a critic"
+            )
+        rm = self.reward.model
+        if rm is not None and rm.kind == "prm" and not self.uses_critic:
+            raise ValueError(
+                f"reward.model.kind 'prm' gives per-step token rewards, which only advantage.estimator 'gae' "
+                f"credits to their tokens; {self.advantage.estimator!r} would sum them into one sequence score "
+                "(use 'gae', or an 'orm')"
+            )
         per_step = self.data.prompts_per_step * self.rollout.n
         if per_step % self.train.mini_batches:
             raise ValueError(

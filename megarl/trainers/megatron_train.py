@@ -129,11 +129,19 @@ def _fp32_main_params(inner) -> list:
     return [p for g in groups for p in g]
 
 
-def save_rank_state(path: str, model: TrainableModel, groups) -> None:
-    """Writes this rank's state into directory `path`: the model shards (model_tp{t}_pp{p}.pt,
-    by DP rank 0) and, from every rank, its own optimizer state (optim_rank{r}.pt: the torch
-    Adam state over this rank's parameter shards and the fp32 master copies). Resuming needs the
-    same world size and layout, so each rank reads back exactly what it wrote.
+def _save_atomic(obj, path: str) -> None:
+    import os
+
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def save_rank_state(path: str, model: TrainableModel, groups, prefix: str = "") -> None:
+    """Writes this rank's state into directory `path`: the model shards
+    ({prefix}model_tp{t}_pp{p}.pt, by DP rank 0) and, from every rank, its own optimizer state
+    ({prefix}optim_rank{r}.pt: the torch Adam state over this rank's parameter shards and the
+    fp32 master copies). Resuming needs the same world size and layout, so each rank reads back
+    exactly what it wrote. `prefix` keeps several models apart in one directory ("critic_").
     """
     import os
 
@@ -141,30 +149,32 @@ def save_rank_state(path: str, model: TrainableModel, groups) -> None:
 
     tag = f"tp{groups.tp_rank}_pp{groups.pp_rank}"
     if groups.dp_rank == 0:
-        torch.save([m.state_dict() for m in model.modules], os.path.join(path, f"model_{tag}.pt"))
+        _save_atomic([m.state_dict() for m in model.modules], os.path.join(path, f"{prefix}model_{tag}.pt"))
     inners = _inner_optimizers(model.optimizer)
-    torch.save(
+    _save_atomic(
         {
             "torch_optim": [inner.optimizer.state_dict() for inner in inners],
             "fp32_main": [[p.detach().clone() for p in _fp32_main_params(inner)] for inner in inners],
         },
-        os.path.join(path, f"optim_rank{dist.get_rank()}.pt"),
+        os.path.join(path, f"{prefix}optim_rank{dist.get_rank()}.pt"),
     )
 
 
-def load_rank_state(path: str, model: TrainableModel, groups) -> None:
+def load_rank_state(path: str, model: TrainableModel, groups, prefix: str = "") -> None:
     import os
 
     import torch.distributed as dist
 
     tag = f"tp{groups.tp_rank}_pp{groups.pp_rank}"
-    model_file = os.path.join(path, f"model_{tag}.pt")
+    model_file = os.path.join(path, f"{prefix}model_{tag}.pt")
     if not os.path.isfile(model_file):
-        raise ValueError(f"checkpoint {path} has no {os.path.basename(model_file)}: was it saved with another tp/pp layout?")
+        raise ValueError(f"checkpoint {path} has no {os.path.basename(model_file)}: was it saved with another "
+                         "tp/pp layout, or without this model?")
     states = torch.load(model_file, map_location="cpu", weights_only=False)
     for m, sd in zip(model.modules, states):
         m.load_state_dict(sd, strict=True)
-    opt_state = torch.load(os.path.join(path, f"optim_rank{dist.get_rank()}.pt"), map_location="cpu", weights_only=False)
+    opt_state = torch.load(os.path.join(path, f"{prefix}optim_rank{dist.get_rank()}.pt"), map_location="cpu",
+                           weights_only=False)
     inners = _inner_optimizers(model.optimizer)
     if len(opt_state["torch_optim"]) != len(inners):
         raise ValueError(f"checkpoint {path}: optimizer has {len(inners)} parts, the checkpoint {len(opt_state['torch_optim'])}")

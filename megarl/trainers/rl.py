@@ -1,12 +1,15 @@
-"""The RL training loop (GRPO / Dr.GRPO / RLOO / REINFORCE++ on megatron-core).
+"""The RL training loop (PPO with a critic, GRPO / Dr.GRPO / RLOO / REINFORCE++ on megatron-core).
 
     for step:
         prompts   <- the next prompts_per_step records (this DP rank's share)
         rollout   <- engine.generate(prompts, n per prompt)          (the actor's own weights)
         rewards   <- weighted sum of reward terms (verifier, format, HAPO)
+                     [reward model: ORM shaping of the score, or PRM step rewards per token]
         old/ref   <- log-probs of the rollouts under the actor (and the reference)
-        adv       <- ADVANTAGE_ESTIMATORS[estimator](rollouts, rewards)
+        values    <- [PPO] the critic's values of the rollouts
+        adv       <- ADVANTAGE_ESTIMATORS[estimator](rollouts, rewards[, values])
         update    <- for epoch, for mini-batch: actor loss over micro-batches, optimizer step
+                     [PPO: then the critic's value loss over the same mini-batches]
         (sync)    <- nothing to copy: the in-process engine runs on the trained parameters
         metrics, held-out evaluation, checkpoint
 
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megarl.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs
+from megarl.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, scores_to_token_rewards
 from megarl.algorithms.losses import apply_kl_penalty, compute_actor_loss, count_tokens_and_seqs
 from megarl.trainers.config import RLConfig
 
@@ -47,6 +50,7 @@ class RolloutBatch:
     response_mask: torch.Tensor
     response_lengths: torch.Tensor  # [B]
     truncated: torch.Tensor  # [B] bool: stopped by max_new_tokens
+    prompt_lengths: torch.Tensor | None = None  # [B]: response b starts at input_ids[b, prompt_lengths[b]]
 
 
 def build_batch(prompt_ids: list[list[int]], completions, pad_id: int, n: int) -> RolloutBatch:
@@ -67,7 +71,7 @@ def build_batch(prompt_ids: list[list[int]], completions, pad_id: int, n: int) -
         mask[b, starts[b] - 1 : starts[b] - 1 + lengths[b]] = 1.0
     targets = torch.full_like(ids, pad_id)
     targets[:, :-1] = ids[:, 1:]
-    return RolloutBatch(ids, targets, mask, torch.tensor(lengths), torch.tensor(truncated))
+    return RolloutBatch(ids, targets, mask, torch.tensor(lengths), torch.tensor(truncated), torch.tensor(starts))
 
 
 def microbatches(batch: RolloutBatch, rows: torch.Tensor, size: int, *, trim_to: int = 0,
@@ -145,6 +149,23 @@ def forward_logprobs(chunks, mbs: list[dict], temperature: float, groups, shape:
     return scatter_rows([o["logp"] for o in out], mbs, *shape) if out else None
 
 
+def minibatch_schedule(B: int, epochs: int, mini_batches: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """The rows of every optimizer step of one RL step: for each epoch a fresh permutation
+    (in order with one mini-batch) split into `mini_batches` parts. Actor and critic share it."""
+    per_mini = B // mini_batches
+    out = []
+    for _epoch in range(epochs):
+        perm = torch.randperm(B, generator=generator) if mini_batches > 1 else torch.arange(B)
+        out += [perm[m * per_mini : (m + 1) * per_mini] for m in range(mini_batches)]
+    return out
+
+
+def _save_rollouts(path: str, tensors: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(tensors, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def _reduce_mean(values: list[float], group) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t, group=group)
@@ -166,6 +187,9 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
     from megarl.trainers.megatron_train import optimizer_step, run_microbatches, wrap_for_training
     from megarl.trainers.metrics import MetricsLogger
     from megarl.trainers.rewards import RewardComputer
+    from megarl.trainers.critic import (CRITIC_LOSS_KEYS, Critic, explained_variance_metrics, global_sum,
+                                        value_stats)
+    from megarl.trainers.reward_model import RewardModel
 
     rank, world = init_distributed()
     torch.manual_seed(cfg.train.seed)
@@ -203,6 +227,12 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
         ref_chunks = load_model()
         for c in ref_chunks:
             c.requires_grad_(False)
+    critic = (Critic(cfg.critic, hf_dir, layout, groups, dtype=dtype, vocab_size=spec.vocab_size,
+                     use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+              if cfg.uses_critic else None)
+    reward_model = (RewardModel(cfg.reward.model, layout, groups, dtype=dtype, tokenizer=tokenizer,
+                                vocab_size=spec.vocab_size, pad_id=pad_id)
+                    if cfg.reward.model is not None else None)
     engine = MegatronEngine(actor.modules, spec, layout, groups, tokenizer)
 
     # --- data, rewards, state -----------------------------------------------------------------
@@ -216,7 +246,7 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
     start_step = 0
     latest = ckpt.latest(run_dir) if cfg.train.resume else None
     if latest is not None:
-        state = ckpt.load(latest, actor, groups)
+        state = ckpt.load(latest, actor, groups, critic=critic.model if critic is not None else None)
         stream.load_state_dict(state["data"])
         rewards.load_state_dict(state["rewards"])
         start_step = state["step"]
@@ -272,6 +302,13 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
             scores, correct, reward_metrics = rewards(
                 [c.text for c in completions], answers, prompt_index, batch.response_lengths
             )
+            verifier_scores, rm_out, token_rewards = scores, None, None
+            if reward_model is not None:
+                rm_out = reward_model(batch, scores, cfg.train.micro_batch_size)
+                reward_metrics.update(rm_out.metrics)
+                if rm_out.scores is not None:
+                    scores = rm_out.scores  # ORM: the shaped score replaces the sequence score
+                token_rewards = rm_out.token_rewards  # PRM: outcome + step rewards per token
 
         # old / reference log-probs --------------------------------------------------------------
         # On-policy (one epoch, one mini-batch) the old policy is the current one: the update's
@@ -290,23 +327,32 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
                         if need_ref else None)
 
         # advantages (on every rank: cheap, and identical across a model-parallel group) -------
+        # Values exist on the last pipeline stage only, like old_logp: GAE runs there (its
+        # whitening all-reduces over the DP group, whose ranks are all last-stage ranks too), and
+        # the actor and critic losses, the only users of advantages and returns, run there.
         group_ids = torch.arange(B) // n + dp_rank * prompts_per_rank
-        token_rewards = None
+        values = returns = None
+        if critic is not None:
+            with timer("critic"):
+                values = critic.values(microbatches(batch, rows, mbs, trim_to=trim), shape)
         if cfg.actor.kl.placement == "reward":
             # only the last stage has log-probs; the penalty lives in the rewards it sees
-            dense = torch.zeros_like(batch.response_mask)
-            last = (batch.response_mask.cumsum(1) == batch.response_mask.sum(1, keepdim=True)) & (batch.response_mask > 0)
-            dense[last] = scores.float()
+            dense = token_rewards if token_rewards is not None else scores_to_token_rewards(
+                scores.float(), batch.response_mask)
             token_rewards = (apply_kl_penalty(dense, old_logp, ref_logp, cfg.actor.kl.coef, cfg.actor.kl.kind)
                              if old_logp is not None else dense)
-        adv_inputs = AdvantageInputs(
-            response_mask=batch.response_mask,
-            scores=None if token_rewards is not None else scores.float(),
-            token_rewards=token_rewards,
-            group_ids=group_ids,
-            process_group=groups.dp_group,
-        )
-        advantages = ADVANTAGE_ESTIMATORS[cfg.advantage.estimator](adv_inputs, cfg.advantage).advantages
+        advantages = None
+        if critic is None or values is not None:
+            adv_inputs = AdvantageInputs(
+                response_mask=batch.response_mask,
+                scores=None if token_rewards is not None else scores.float(),
+                token_rewards=token_rewards,
+                values=values,
+                group_ids=group_ids,
+                process_group=groups.dp_group,
+            )
+            adv_out = ADVANTAGE_ESTIMATORS[cfg.advantage.estimator](adv_inputs, cfg.advantage)
+            advantages, returns = adv_out.advantages, adv_out.returns
 
         # policy update ------------------------------------------------------------------------
         loss_sums = torch.zeros(len(_LOSS_KEYS), dtype=torch.float64)
@@ -314,34 +360,43 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
         with timer("update"):
             for c in actor.chunks:
                 c.train()
-            per_mini = B // cfg.train.mini_batches
-            g = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
-            for _epoch in range(cfg.train.epochs):
-                perm = torch.randperm(B, generator=g) if cfg.train.mini_batches > 1 else rows
-                for m in range(cfg.train.mini_batches):
-                    mini_rows = perm[m * per_mini : (m + 1) * per_mini]
-                    mb_list = microbatches(batch, mini_rows, mbs, trim_to=trim, old_logp=old_logp, ref_logp=ref_logp,
-                                           adv=advantages)
+            schedule = minibatch_schedule(B, cfg.train.epochs, cfg.train.mini_batches,
+                                          torch.Generator().manual_seed(cfg.train.seed * 7919 + step))
+            for mini_rows in schedule:
+                mb_list = microbatches(batch, mini_rows, mbs, trim_to=trim, old_logp=old_logp, ref_logp=ref_logp,
+                                       adv=advantages)
+                n_tok, n_seq = count_tokens_and_seqs([mb["mask"] for mb in mb_list], groups.dp_group)
+
+                def loss_fn(mb, logits, n_tok=n_tok, n_seq=n_seq):
+                    logp, ent = _tokens_logprobs(logits.float(), mb, cfg.rollout.temperature, groups.tp_group)
+                    old = mb["old_logp"] if "old_logp" in mb else logp.detach()
+                    out = compute_actor_loss(
+                        logp, old, mb["adv"], mb["mask"], cfg.actor,
+                        global_num_tokens=max(n_tok, 1), global_num_seqs=max(n_seq, 1),
+                        ref_logp_BT=mb.get("ref_logp"), entropy_BT=ent,
+                    )
+                    return out.loss, {k: out.metrics[k].detach() for k in out.metrics}
+
+                outs = run_microbatches(actor.chunks, mb_list, loss_fn, dp=dp, forward_only=False)
+                _, gnorm = optimizer_step(actor)
+                grad_norms.append(gnorm)
+                for o_ in outs:
+                    for j, k in enumerate(_LOSS_KEYS):
+                        if k in o_:
+                            loss_sums[j] += float(o_[k])
+            num_updates = len(schedule)
+
+        # critic update: the same mini-batches, its own optimizer and grad clip -----------------
+        critic_sums = torch.zeros(len(CRITIC_LOSS_KEYS), dtype=torch.float64)
+        critic_gnorms = []
+        if critic is not None:
+            with timer("critic"):
+                for mini_rows in schedule:
+                    mb_list = microbatches(batch, mini_rows, mbs, trim_to=trim, old_values=values, returns=returns)
                     n_tok, n_seq = count_tokens_and_seqs([mb["mask"] for mb in mb_list], groups.dp_group)
-
-                    def loss_fn(mb, logits, n_tok=n_tok, n_seq=n_seq):
-                        logp, ent = _tokens_logprobs(logits.float(), mb, cfg.rollout.temperature, groups.tp_group)
-                        old = mb["old_logp"] if "old_logp" in mb else logp.detach()
-                        out = compute_actor_loss(
-                            logp, old, mb["adv"], mb["mask"], cfg.actor,
-                            global_num_tokens=max(n_tok, 1), global_num_seqs=max(n_seq, 1),
-                            ref_logp_BT=mb.get("ref_logp"), entropy_BT=ent,
-                        )
-                        return out.loss, {k: out.metrics[k].detach() for k in out.metrics}
-
-                    outs = run_microbatches(actor.chunks, mb_list, loss_fn, dp=dp, forward_only=False)
-                    _, gnorm = optimizer_step(actor)
-                    grad_norms.append(gnorm)
-                    for o_ in outs:
-                        for j, k in enumerate(_LOSS_KEYS):
-                            if k in o_:
-                                loss_sums[j] += float(o_[k])
-            num_updates = cfg.train.epochs * cfg.train.mini_batches
+                    sums, gnorm = critic.update(mb_list, n_tok, n_seq)
+                    critic_sums += sums
+                    critic_gnorms.append(gnorm)
 
         # weight sync: none needed. The in-process engine generates with actor.modules, the very
         # parameters the optimizer just updated (colocated, shared storage).
@@ -357,6 +412,24 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
             float(torch.tensor(correct, dtype=torch.float).mean()), float(L.mean()), float(L.max()),
             float(batch.truncated.float().mean()),
         ], groups.dp_group)
+        critic_metrics = {}
+        if critic is not None:
+            c_loss = global_sum(critic_sums / num_updates, contributes)
+            stats = global_sum(value_stats(values, returns, batch.response_mask) if contributes else torch.zeros(6, dtype=torch.float64),
+                               contributes)
+            critic_metrics = {
+                "critic/value_loss": float(c_loss[0]), "critic/vf_clip_frac": float(c_loss[1]),
+                "critic/grad_norm": sum(critic_gnorms) / len(critic_gnorms),
+                **{f"critic/{k}": v for k, v in explained_variance_metrics(stats).items()},
+            }
+        if cfg.train.save_rollouts and contributes:
+            _save_rollouts(os.path.join(run_dir, "rollouts", f"step_{step + 1:06d}_dp{dp_rank}.pt"), {
+                "input_ids": batch.input_ids, "response_mask": batch.response_mask,
+                "prompt_lengths": batch.prompt_lengths, "response_lengths": batch.response_lengths,
+                "verifier_scores": verifier_scores, "scores": scores, "token_rewards": token_rewards,
+                "correct": torch.tensor(correct), "values": values, "returns": returns, "advantages": advantages,
+                **(rm_out.raw if rm_out is not None else {}),
+            })
         gen_tokens = torch.tensor([float(L.sum())], dtype=torch.float64)
         dist.all_reduce(gen_tokens, group=groups.dp_group)
         metrics = {
@@ -366,6 +439,7 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
             **{f"actor/{k}": float(v) for k, v in zip(_LOSS_KEYS, loss_t.tolist())
                if k != "kl_loss" or cfg.actor.kl.placement == "loss"},
             **{f"reward/{k}": v for k, v in reward_metrics.items()},
+            **critic_metrics,
             **{f"time/{k}": v for k, v in timer.times.items()},
             "time/step": sum(timer.times.values()),
             "perf/rollout_tokens_per_s": float(gen_tokens[0]) / max(timer.times["rollout"], 1e-9),
@@ -377,7 +451,7 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
         # checkpoint ---------------------------------------------------------------------------
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
             ckpt.save(run_dir, step + 1, actor, groups, {"data": stream.state_dict(), "rewards": rewards.state_dict()},
-                      keep_last=cfg.train.keep_last)
+                      keep_last=cfg.train.keep_last, critic=critic.model if critic is not None else None)
 
     results["accuracy_after"] = evaluate()
     logger.scalar("eval/accuracy", results["accuracy_after"], cfg.train.steps)

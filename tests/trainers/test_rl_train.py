@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
-from megarl.pipelines.demo import prepare
-
 DETERMINISTIC = ("reward/mean", "reward/accuracy", "response/length_mean", "actor/pg_loss",
                  "actor/entropy", "actor/clip_frac", "actor/grad_norm")
+
+
+# demo_dir: the session fixture in conftest.py
 
 
 def _train(tmp, run, *overrides):
@@ -28,13 +29,6 @@ def _train(tmp, run, *overrides):
 
 def _metrics(path):
     return {row["step"]: row for row in map(json.loads, open(path))}
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("demo")
-    prepare(tmp, sft_steps=30, seed=0)
-    return tmp
 
 
 def test_train_then_resume_reproduces_uninterrupted_run(demo_dir):
