@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import torch  # noqa: E402
 from _harness import machine_line  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +82,7 @@ def main() -> None:
     steps = args.steps or (8 if args.recipe == "demo" else 4)
     if steps < 2:
         raise SystemExit("benchmarks/step.py: --steps must be >= 2 (the first step is warm-up)")
-    print(machine_line(), flush=True)
+    print(machine_line(torch.device("cpu")), flush=True)
     with tempfile.TemporaryDirectory(prefix="megarl-step-") as tmp:
         work = Path(tmp)
         overrides = list(args.overrides)

@@ -85,3 +85,51 @@ def select_top(acc_log: Mapping[object, Sequence[float]] | str | os.PathLike, to
     if not 1 <= top <= len(scores):
         raise ValueError(f"top must be in [1, {len(scores)}] (the pool size), got {top}")
     return [index for index, _ in scores[:top]]
+
+
+class AccuracyLog:
+    """Per-example training accuracy history, written in the format `load_acc_log` reads.
+
+    Each time an example is trained on, its accuracy over the n rollouts of that occurrence is
+    appended to its history; a full-pool run with this log feeds `megarl select-examples`
+    (the historical variance score of 1-shot RLVR). Data-parallel ranks each see their own
+    prompts: `add` all-gathers them, so every rank holds the same log.
+    """
+
+    def __init__(self) -> None:
+        self.history: dict[int, list[float]] = {}
+
+    def add(self, indices: Sequence[int], accuracies: Sequence[float], process_group=None) -> None:
+        if len(indices) != len(accuracies):
+            raise ValueError(f"{len(indices)} indices but {len(accuracies)} accuracies")
+        items = [(int(i), float(a)) for i, a in zip(indices, accuracies)]
+        import torch.distributed as dist
+
+        if process_group is not None and dist.get_world_size(process_group) > 1:
+            parts: list = [None] * dist.get_world_size(process_group)
+            dist.all_gather_object(parts, items, group=process_group)
+            items = [x for part in parts for x in part]
+        for i, a in items:
+            self.history.setdefault(i, []).append(a)
+
+    def state_dict(self) -> dict:
+        return {"history": {i: list(h) for i, h in self.history.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = {int(i): [float(x) for x in h] for i, h in state["history"].items()}
+
+    def write(self, path: str | os.PathLike) -> None:
+        """JSON {index: [accuracy, ...]}, written to a temporary file and renamed."""
+        import tempfile
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({str(i): h for i, h in sorted(self.history.items())}, f)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise

@@ -49,14 +49,24 @@ def load_prompt_records(source: str) -> list[PromptRecord]:
 
 def render_prompt(tokenizer, prompt: Any, fmt: str) -> list[int]:
     """Token ids of a prompt: chat messages (or text as one user turn) through the model's chat
-    template when fmt == "chat", the text itself when fmt == "raw"."""
+    template when fmt == "chat", the text itself when fmt == "raw", or any other prompt template
+    of megarl.eval.templates (e.g. "one-shot-rlvr": the problem plus the 1-shot RLVR suffix as the
+    user turn; "qwen25-math-cot": Qwen2.5-Math's CoT ChatML text), so training prompts are
+    rendered exactly as evaluation renders them."""
     if fmt == "chat":
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    else:
+    elif fmt == "raw":
         if not isinstance(prompt, str):
             raise ValueError("prompt_format 'raw' needs text prompts, got chat messages")
         text = prompt
+    else:
+        from megarl.eval.data import Record
+        from megarl.eval.templates import get_template
+
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt_format {fmt!r} needs text prompts (a `problem`), got chat messages")
+        text = get_template(fmt).render(Record(prompt, "", "0", "train"), tokenizer)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -37,7 +37,7 @@ def default_eval_config(cfg) -> EvalConfig | None:
         n=1,
         temperature=0.0,
         max_new_tokens=cfg.rollout.eval_max_new_tokens or cfg.rollout.max_new_tokens,
-        template="chat" if cfg.data.prompt_format == "chat" else "raw",
+        template=cfg.data.prompt_format,
         verifier=verifier,
         seed=cfg.train.seed,
         batch_size=64,

@@ -69,3 +69,21 @@ def test_cli_rejects_top_beyond_pool(tmp_path, capsys):
     path.write_text(json.dumps({"1": [0, 1], "2": [1, 1]}))
     assert cli_main(["select-examples", "--acc-log", str(path), "--top", "3"]) == 2
     assert "--top must be in [1, 2]" in capsys.readouterr().err
+
+
+def test_accuracy_log_round_trips_into_select_top(tmp_path):
+    from megarl.pipelines.one_shot import AccuracyLog, load_acc_log, select_top
+
+    log = AccuracyLog()
+    log.add([3, 7, 3], [0.0, 0.5, 1.0])
+    log.add([7, 9], [0.5, 0.25])
+    assert log.history == {3: [0.0, 1.0], 7: [0.5, 0.5], 9: [0.25]}
+    path = tmp_path / "run" / "acc_log.json"
+    log.write(path)
+    assert load_acc_log(path) == {3: [0.0, 1.0], 7: [0.5, 0.5], 9: [0.25]}
+    assert select_top(path, 1) == [3]  # std 0.5; 7 and 9 have std 0
+    restored = AccuracyLog()
+    restored.load_state_dict(log.state_dict())
+    assert restored.history == log.history
+    with pytest.raises(ValueError, match="2 indices but 1 accuracies"):
+        log.add([1, 2], [0.5])

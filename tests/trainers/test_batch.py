@@ -70,3 +70,28 @@ def test_prompt_stream_indices_select_records():
     recs = [PromptRecord(prompt=str(i), answer=str(i), index=i) for i in range(5)]
     s = PromptStream(recs, seed=0, shuffle=True, indices=(3,))
     assert [r.index for r in s.take(4)] == [3, 3, 3, 3]
+
+
+class _CharTokenizer:
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_render_prompt_uses_the_eval_templates():
+    import pytest
+
+    from megarl.eval.data import Record
+    from megarl.eval.templates import get_template
+    from megarl.trainers.data import render_prompt
+
+    tok = _CharTokenizer()
+    text = lambda ids: "".join(map(chr, ids))  # noqa: E731
+    assert text(render_prompt(tok, "12+3=", "raw")) == "12+3="
+    cot = get_template("qwen25-math-cot").render(Record("What is 1+1?", "", "0", "x"))
+    assert text(render_prompt(tok, "What is 1+1?", "qwen25-math-cot")) == cot
+    with pytest.raises(ValueError, match="chat template"):
+        render_prompt(tok, "What is 1+1?", "one-shot-rlvr")
+    with pytest.raises(ValueError, match="needs text prompts"):
+        render_prompt(tok, [{"role": "user", "content": "hi"}], "qwen25-math-cot")
