@@ -38,8 +38,7 @@ ATOL = 1e-4  # float32, megatron (PP / DP) vs transformers: the same math in ano
 
 def _train(demo, run_dir, *overrides, nproc=2):
     cmd = [sys.executable, "-m", "megarl.cli", "train", RECIPE,
-           f"model.hf_dir={demo}/init", f"data.train={demo}/data/train.jsonl", f"data.test={demo}/data/test.jsonl",
-           "data.test_limit=8", "data.prompts_per_step=4", "rollout.n=4", "train.micro_batch_size=8",
+           f"model.hf_dir={demo}/init", f"data.train={demo}/data/train.jsonl", "data.test=null", "data.prompts_per_step=4", "rollout.n=4", "train.micro_batch_size=8",
            "train.mini_batches=2", f"parallel.nproc={nproc}", "train.eval_every=0", "advantage.estimator=gae",
            "train.save_rollouts=true", f"train.run_dir={run_dir}", *overrides]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
