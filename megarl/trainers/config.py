@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from megarl.algorithms.advantages import AdvantageConfig
+from megarl.eval.runner import EvalConfig
 from megarl.algorithms.losses import ActorLossConfig, CriticLossConfig
 from megarl.algorithms.rewards import FormatRewardConfig, HapoConfig, PrmShapingConfig
 
@@ -49,13 +50,14 @@ class DataConfig:
     """train/test: a JSONL file (fields `prompt` (chat messages or text) or `problem`, and
     `answer`), or a benchmark name known to megarl.eval.data.
     prompt_format: "chat" renders `prompt` messages (or `problem` as one user turn) with the
-    model's chat template; "raw" uses the text as is.
+    model's chat template; "raw" uses the text as is; "one-shot-rlvr" / "qwen25-math-cot" are
+    megarl.eval's templates of those names (training prompts then match evaluation's).
     train_indices: train only on these record indices (1-shot RLVR: one index, repeated to
     fill each step)."""
 
     train: str
     test: str | None = None
-    prompt_format: Literal["chat", "raw"] = "chat"
+    prompt_format: Literal["chat", "raw", "one-shot-rlvr", "qwen25-math-cot"] = "chat"
     prompts_per_step: int = 8
     train_indices: tuple[int, ...] | None = None
     test_limit: int | None = None
@@ -200,7 +202,10 @@ class TrainConfig:
     eval_every / save_every: in steps (0: only at the end / never). keep_last: checkpoints kept.
     run_dir: where TensorBoard logs, the resolved recipe, metrics.jsonl and checkpoints go.
     save_rollouts: write each step's rollout tensors (ids, masks, rewards, values, advantages,
-    reward-model scores) to run_dir/rollouts/step_NNNNNN_dpR.pt, for inspection."""
+    reward-model scores) to run_dir/rollouts/step_NNNNNN_dpR.pt, for inspection.
+    acc_log: record each training example's accuracy every time it is trained on and write
+    run_dir/acc_log.json ({index: [accuracy, ...]}) at the end: the input of
+    `megarl select-examples` (1-shot RLVR's historical variance score)."""
 
     steps: int = 10
     epochs: int = 1
@@ -213,6 +218,7 @@ class TrainConfig:
     run_dir: str = "runs/rl"
     resume: bool = True
     save_rollouts: bool = False
+    acc_log: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "epochs", "mini_batches", "micro_batch_size", "keep_last"):
@@ -232,12 +238,17 @@ class RLConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    # held-out evaluation through megarl.eval (benchmarks with their own settings); when absent,
+    # data.test is evaluated greedily (see megarl/trainers/evaluation.py)
+    eval: EvalConfig | None = None
 
     @property
     def uses_critic(self) -> bool:
         return self.advantage.estimator == "gae"
 
     def __post_init__(self) -> None:
+        if self.eval is not None and self.data.test:
+            raise ValueError("data.test and eval both name held-out data: give one (eval.benchmarks takes files too)")
         if not self.uses_critic and self.critic != CriticConfig():
             raise ValueError(
                 f"critic is configured but advantage.estimator is {self.advantage.estimator!r}: "

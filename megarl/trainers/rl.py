@@ -149,6 +149,19 @@ def forward_logprobs(chunks, mbs: list[dict], temperature: float, groups, shape:
     return scatter_rows([o["logp"] for o in out], mbs, *shape) if out else None
 
 
+def _peak_rss_gb() -> float:
+    """Sum over all ranks of each process's peak resident set (VmHWM), in GB."""
+    kb = 0
+    try:
+        with open("/proc/self/status") as f:
+            kb = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        pass
+    t = torch.tensor([kb / 1e6], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t[0])
+
+
 def minibatch_schedule(B: int, epochs: int, mini_batches: int, generator: torch.Generator) -> list[torch.Tensor]:
     """The rows of every optimizer step of one RL step: for each epoch a fresh permutation
     (in order with one mini-batch) split into `mini_batches` parts. Actor and critic share it."""
@@ -184,6 +197,8 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
     from megarl.rollout.megatron_engine import MegatronEngine
     from megarl.trainers import checkpoint as ckpt
     from megarl.trainers.data import PromptStream, load_prompt_records, render_prompt, resolve_model_dir
+    from megarl.pipelines.one_shot import AccuracyLog
+    from megarl.trainers.evaluation import HeldOutEval, default_eval_config
     from megarl.trainers.megatron_train import optimizer_step, run_microbatches, wrap_for_training
     from megarl.trainers.metrics import MetricsLogger
     from megarl.trainers.rewards import RewardComputer
@@ -237,18 +252,19 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
 
     # --- data, rewards, state -----------------------------------------------------------------
     train_records = load_prompt_records(cfg.data.train)
-    test_records = load_prompt_records(cfg.data.test) if cfg.data.test else []
-    if cfg.data.test_limit:
-        test_records = test_records[: cfg.data.test_limit]
+    evaluate = HeldOutEval(default_eval_config(cfg), engine, tokenizer, groups, run_dir, write=rank == 0)
     stream = PromptStream(train_records, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
                           indices=cfg.data.train_indices)
     rewards = RewardComputer(cfg.reward, groups, num_prompts=len(train_records))
+    acc_log = AccuracyLog() if cfg.train.acc_log else None
     start_step = 0
     latest = ckpt.latest(run_dir) if cfg.train.resume else None
     if latest is not None:
         state = ckpt.load(latest, actor, groups, critic=critic.model if critic is not None else None)
         stream.load_state_dict(state["data"])
         rewards.load_state_dict(state["rewards"])
+        if acc_log is not None and "acc_log" in state:
+            acc_log.load_state_dict(state["acc_log"])
         start_step = state["step"]
     logger = MetricsLogger(run_dir, enabled=rank == 0, total_steps=cfg.train.steps, start_step=start_step)
     if latest is not None:
@@ -256,28 +272,11 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
 
     n = cfg.rollout.n
     prompts_per_rank = cfg.data.prompts_per_step // dp
-    sampling_eval = SamplingParams(n=1, temperature=0.0,
-                                   max_new_tokens=cfg.rollout.eval_max_new_tokens or cfg.rollout.max_new_tokens)
-
-    def evaluate() -> float:
-        if not test_records:
-            return float("nan")
-        shard = test_records[dp_rank::dp]
-        correct = 0
-        bs = 64
-        for i in range(0, len(shard), bs):
-            recs = shard[i : i + bs]
-            ids = [render_prompt(tokenizer, r.prompt, cfg.data.prompt_format) for r in recs]
-            outs = engine.generate(ids, sampling_eval)
-            correct += sum(rewards.correct([c.text for c in outs], [r.answer for r in recs]))
-        t = torch.tensor([correct, len(shard)], dtype=torch.float64)
-        dist.all_reduce(t, group=groups.dp_group)
-        return float(t[0] / t[1])
 
     results: dict = {}
-    if start_step == 0:
-        results["accuracy_before"] = evaluate()
-        logger.scalar("eval/accuracy", results["accuracy_before"], 0)
+    if start_step == 0 and evaluate.enabled:
+        results["accuracy_before"], eval_metrics = evaluate(0)
+        logger.scalars(eval_metrics, 0)
         logger.log_text(f"held-out accuracy at step 0: {results['accuracy_before']:.3f}")
 
     for step in range(start_step, cfg.train.steps):
@@ -309,6 +308,9 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
                 if rm_out.scores is not None:
                     scores = rm_out.scores  # ORM: the shaped score replaces the sequence score
                 token_rewards = rm_out.token_rewards  # PRM: outcome + step rewards per token
+        if acc_log is not None:
+            acc = torch.tensor(correct, dtype=torch.float).view(-1, n).mean(1)
+            acc_log.add([r.index for r in records], acc.tolist(), groups.dp_group)
 
         # old / reference log-probs --------------------------------------------------------------
         # On-policy (one epoch, one mini-batch) the old policy is the current one: the update's
@@ -443,18 +445,28 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
             **{f"time/{k}": v for k, v in timer.times.items()},
             "time/step": sum(timer.times.values()),
             "perf/rollout_tokens_per_s": float(gen_tokens[0]) / max(timer.times["rollout"], 1e-9),
+            "perf/tokens_per_s": float(gen_tokens[0]) / max(sum(timer.times.values()), 1e-9),
+            "memory/peak_rss_gb": _peak_rss_gb(),
         }
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
-            metrics["eval/accuracy"] = evaluate()
+        last = step + 1 == cfg.train.steps
+        if evaluate.enabled and (last or cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0):
+            accuracy, eval_metrics = evaluate(step + 1)
+            metrics.update(eval_metrics)
+            if last:
+                results["accuracy_after"] = accuracy
         logger.step(step + 1, metrics)
 
         # checkpoint ---------------------------------------------------------------------------
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
-            ckpt.save(run_dir, step + 1, actor, groups, {"data": stream.state_dict(), "rewards": rewards.state_dict()},
+            extra = {"acc_log": acc_log.state_dict()} if acc_log is not None else {}
+            ckpt.save(run_dir, step + 1, actor, groups,
+                      {"data": stream.state_dict(), "rewards": rewards.state_dict(), **extra},
                       keep_last=cfg.train.keep_last, critic=critic.model if critic is not None else None)
 
-    results["accuracy_after"] = evaluate()
-    logger.scalar("eval/accuracy", results["accuracy_after"], cfg.train.steps)
+    if "accuracy_after" not in results:  # resumed at the end: nothing was trained here
+        results["accuracy_after"] = evaluate(cfg.train.steps)[0]
+    if acc_log is not None and rank == 0:
+        acc_log.write(os.path.join(run_dir, "acc_log.json"))
     logger.close()
     rewards.close()
     return results
