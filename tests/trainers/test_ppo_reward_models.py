@@ -7,9 +7,9 @@ Three launches:
     the critic's values (PP=2) equal the unsharded HF Qwen2ForTokenClassification's; the token
     rewards equal outcome + shape_prm_rewards(PRM step probabilities from an HF reference
     forward) placed by step_rewards_to_token_rewards; the returns equal megarl.ops.gae's.
-  * PPO + ORM at DP=2, 8 steps on one prompt: the value loss falls and the explained variance
-    turns positive; the ORM scores equal an HF reference forward and the sequence scores equal
-    qwen_math_shaping(r_m, r_v, alpha).
+  * PPO + ORM (loaded from a megarl checkpoint) at DP=2, 8 steps on one prompt: the value loss
+    falls and the explained variance turns positive; the ORM scores equal an HF reference
+    forward and the sequence scores equal qwen_math_shaping(r_m, r_v, alpha).
 Config errors for combinations that make no sense are checked in-process.
 """
 
@@ -198,11 +198,15 @@ def test_ppo_with_orm_at_dp2_learns_values_and_shapes_scores(demo_dir, tmp_path)
     from megarl.algorithms.rewards import qwen_math_shaping
 
     value_dir = make_head_model(demo_dir / "init", tmp_path / "value", "value", seed=1)
+    from megarl.models.convert import hf_to_mcore_dir
+
     orm_dir = make_head_model(demo_dir / "init", tmp_path / "orm", "orm", seed=3, scale=3.0)
+    orm_mcore = tmp_path / "orm_mcore"  # the reward model as a megarl checkpoint at the run's layout
+    hf_to_mcore_dir(orm_dir, orm_mcore, tp=1, pp=1, progress=False)
     run = tmp_path / "orm_run"
     _train(demo_dir, run, "parallel.tp=1", "parallel.pp=1", "train.steps=8", "train.epochs=4", "optim.lr=1e-5",
            f"critic.hf_dir={value_dir}", "critic.optim.lr=0.001", "reward.model.kind=orm",
-           f"reward.model.path={orm_dir}", "reward.model.alpha=0.7", "data.train_indices=[0]")
+           f"reward.model.path={orm_mcore}", "reward.model.alpha=0.7", "data.train_indices=[0]")
     m = _metrics(run / "metrics.jsonl")
     assert sorted(m) == list(range(1, 9))
     # the critic learns: value loss falls, explained variance goes from negative to positive
