@@ -20,6 +20,8 @@
 #include <string>
 #include <vector>
 
+#include "checks.h"
+
 namespace megarl {
 namespace {
 
@@ -29,24 +31,6 @@ namespace {
 constexpr int64_t kElementsPerTask = 1 << 18;
 
 int64_t row_grain(int64_t T) { return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(T, 1)); }
-
-void check_gae_tensors(const char* op, const at::Tensor& a, const char* a_name, const at::Tensor& b,
-                       const char* b_name, const at::Tensor& mask) {
-  TORCH_CHECK_VALUE(a.dim() == 2, op, ": ", a_name, " must be 2-D [B, T], got shape ", a.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(a.scalar_type()), op, ": ", a_name,
-                    " must be a floating-point tensor, got ", a.scalar_type());
-  TORCH_CHECK_VALUE(b.sizes() == a.sizes(), op, ": ", b_name, " shape ", b.sizes(), " does not match ",
-                    a_name, " shape ", a.sizes());
-  TORCH_CHECK_VALUE(b.scalar_type() == a.scalar_type(), op, ": ", b_name, " dtype ", b.scalar_type(),
-                    " does not match ", a_name, " dtype ", a.scalar_type());
-  TORCH_CHECK_VALUE(mask.sizes() == a.sizes(), op, ": mask shape ", mask.sizes(), " does not match ",
-                    a_name, " shape ", a.sizes());
-  TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool, op, ": mask must be a bool tensor, got ",
-                    mask.scalar_type());
-  TORCH_CHECK_VALUE(b.device() == a.device() && mask.device() == a.device(), op,
-                    ": all inputs must be on one device, got ", a_name, " on ", a.device(), ", ", b_name,
-                    " on ", b.device(), ", mask on ", mask.device());
-}
 
 // Backward over t. At masked positions the running advantage and the next value carry through
 // unchanged (verl's compute_gae_advantage_return) and the reported advantage is 0.
@@ -112,7 +96,7 @@ void gae_backward_kernel(const scalar_t* grad_adv, const scalar_t* grad_ret, con
 
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
                                            const at::Tensor& mask, double gamma, double lam) {
-  check_gae_tensors("megarl::gae", rewards, "rewards", values, "values", mask);
+  check_gae_inputs("megarl::gae", rewards, "rewards", values, "values", mask);
   auto r = rewards.contiguous();
   auto v = values.contiguous();
   auto m = mask.contiguous();
@@ -130,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
 std::tuple<at::Tensor, at::Tensor> gae_backward_cpu(const at::Tensor& grad_advantages,
                                                     const at::Tensor& grad_returns, const at::Tensor& mask,
                                                     double gamma, double lam) {
-  check_gae_tensors("megarl::gae_backward", grad_advantages, "grad_advantages", grad_returns, "grad_returns",
+  check_gae_inputs("megarl::gae_backward", grad_advantages, "grad_advantages", grad_returns, "grad_returns",
                     mask);
   auto ga = grad_advantages.contiguous();
   auto gr = grad_returns.contiguous();
@@ -271,18 +255,7 @@ void group_advantages_kernel(const scalar_t* scores, const int64_t* ids, scalar_
 at::Tensor group_advantages_cpu(const at::Tensor& scores, const at::Tensor& group_ids, c10::string_view mode,
                                 double eps) {
   const GroupMode m = parse_group_mode(mode);
-  TORCH_CHECK_VALUE(scores.dim() == 1 && at::isFloatingType(scores.scalar_type()),
-                    "megarl::group_advantages: scores must be a 1-D floating-point tensor, got shape ",
-                    scores.sizes(), " dtype ", scores.scalar_type());
-  TORCH_CHECK_VALUE(group_ids.dim() == 1 && group_ids.scalar_type() == at::kLong,
-                    "megarl::group_advantages: group_ids must be a 1-D int64 tensor, got shape ",
-                    group_ids.sizes(), " dtype ", group_ids.scalar_type());
-  TORCH_CHECK_VALUE(group_ids.size(0) == scores.size(0), "megarl::group_advantages: group_ids has ",
-                    group_ids.size(0), " elements, scores has ", scores.size(0));
-  TORCH_CHECK_VALUE(scores.size(0) < std::numeric_limits<int32_t>::max() / 2,
-                    "megarl::group_advantages: at most 2^30 scores, got ", scores.size(0));
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "megarl::group_advantages: eps must be finite and >= 0, got ",
-                    eps);
+  check_group_advantages_inputs(scores, group_ids, eps);
   auto s = scores.contiguous();
   auto ids = group_ids.contiguous();
   auto out = at::empty_like(s, at::MemoryFormat::Contiguous);

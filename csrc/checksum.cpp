@@ -24,9 +24,12 @@
 namespace megarl {
 namespace {
 
-// Words per parallel task (512 KiB): memory-bound work, so big tasks; a tensor below this
-// runs on the calling thread without waking the pool.
-constexpr int64_t kWordsPerTask = int64_t{1} << 16;
+// Words per parallel task (4 MiB): a tensor below this runs on the calling thread without
+// waking the pool. Memory-bound work gains little from a second thread on small tensors, and a
+// parallel region per tensor stalls when other processes hold the cores: checksumming
+// SmolLM2-135M's 272 tensors one by one took 330-725 ms with 512 KiB tasks on two threads of the
+// loaded dev machine, 74-167 ms with 4 MiB tasks, 65-130 ms on one thread.
+constexpr int64_t kWordsPerTask = int64_t{1} << 19;
 constexpr int kLanes = 8;
 // Software prefetch distance: without it this loop read ~30% below a plain sum's bandwidth on
 // the dev machine (measured 40 vs 27 ms per 256 MiB, one thread); 2-8 KiB ahead closes the gap.

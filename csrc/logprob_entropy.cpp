@@ -28,6 +28,8 @@
 #include <cstring>
 #include <limits>
 
+#include "checks.h"
+
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 // Each row function is compiled for AVX-512, AVX2+FMA and baseline x86-64; the loader picks
 // the best the CPU has (the torch wheel itself is built for baseline x86-64).
@@ -185,16 +187,6 @@ MEGARL_INLINE float target_d(const T* x, int64_t local_target, float row_max, fl
 
 int64_t row_grain(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(V, 1)); }
 
-void check_common(const at::Tensor& logits, const at::Tensor& targets, double temperature, const char* op) {
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be [T, V], got ", logits.sizes());
-  TORCH_CHECK(logits.size(1) >= 1, op, ": logits need at least one vocabulary column");
-  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0), op, ": targets must be [T] with T = ",
-              logits.size(0), ", got ", targets.sizes());
-  TORCH_CHECK(targets.scalar_type() == at::kLong, op, ": targets must be int64");
-  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), op, ": temperature must be finite and > 0");
-  TORCH_CHECK(targets.device() == logits.device(), op, ": targets and logits must be on one device");
-}
-
 // Rows may be strided (a view of a wider buffer); the vocabulary dimension must be dense.
 at::Tensor rows_dense(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
@@ -207,7 +199,7 @@ at::Tensor rows_dense(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.co
 // global ids [vocab_start, vocab_start + V); zt is 0 where the target lies outside the shard.
 at::Tensor stats_cpu(const at::Tensor& logits_in, const at::Tensor& targets_in, double temperature,
                      int64_t vocab_start) {
-  check_common(logits_in, targets_in, temperature, "logprob_entropy_stats");
+  check_logprob_inputs(logits_in, targets_in, temperature, "logprob_entropy_stats");
   const at::Tensor logits = rows_dense(logits_in);
   const at::Tensor targets = targets_in.contiguous();
   const int64_t T = logits.size(0), V = logits.size(1), ld = logits.stride(0);
@@ -233,7 +225,7 @@ at::Tensor stats_cpu(const at::Tensor& logits_in, const at::Tensor& targets_in, 
 // Unsharded forward: (logprobs [T], entropy [T], lse_stats [T, 2] = (row max, log s)) float32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& logits_in, const at::Tensor& targets_in,
                                                        double temperature) {
-  check_common(logits_in, targets_in, temperature, "logprob_entropy_fwd");
+  check_logprob_inputs(logits_in, targets_in, temperature, "logprob_entropy_fwd");
   const at::Tensor logits = rows_dense(logits_in);
   const at::Tensor targets = targets_in.contiguous();
   const int64_t T = logits.size(0), V = logits.size(1), ld = logits.stride(0);
@@ -268,15 +260,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& logits_
 at::Tensor bwd_cpu(const at::Tensor& grad_logprobs, const at::Tensor& grad_entropy, const at::Tensor& logits_in,
                    const at::Tensor& targets_in, const at::Tensor& lse_stats, const at::Tensor& entropy,
                    double temperature, int64_t vocab_start) {
-  check_common(logits_in, targets_in, temperature, "logprob_entropy_bwd");
+  check_logprob_inputs(logits_in, targets_in, temperature, "logprob_entropy_bwd");
+  check_logprob_bwd_saved(grad_logprobs, grad_entropy, lse_stats, entropy, logits_in, "logprob_entropy_bwd");
   const int64_t T = logits_in.size(0);
-  for (const at::Tensor* t : {&grad_logprobs, &grad_entropy, &entropy}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == T && t->scalar_type() == at::kFloat,
-                "logprob_entropy_bwd: grads and entropy must be float32 [T]");
-  }
-  TORCH_CHECK(lse_stats.dim() == 2 && lse_stats.size(0) == T && lse_stats.size(1) == 2 &&
-                  lse_stats.scalar_type() == at::kFloat,
-              "logprob_entropy_bwd: lse_stats must be float32 [T, 2]");
   const at::Tensor logits = rows_dense(logits_in);
   const at::Tensor targets = targets_in.contiguous(), g_lp = grad_logprobs.contiguous(),
                    g_ent = grad_entropy.contiguous(), ls = lse_stats.contiguous(), ent = entropy.contiguous();

@@ -43,4 +43,9 @@ def has_kernel(op: str, device: torch.device | str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
     if key is None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"megarl::{op}", key)
+    # cached: the registrations do not change once megarl._C has loaded, and callers such as the
+    # weight bridge's checksum ask once per tensor
+    kernels = _STATE.setdefault("kernels", {})
+    if (op, key) not in kernels:
+        kernels[(op, key)] = torch._C._dispatch_has_kernel_for_dispatch_key(f"megarl::{op}", key)
+    return bool(kernels[(op, key)])

@@ -27,6 +27,8 @@
 #include <limits>
 #include <string>
 
+#include "checks.h"
+
 namespace megarl {
 namespace {
 
@@ -283,24 +285,11 @@ __global__ void group_output_kernel(const scalar_t* __restrict__ scores, int64_t
 // ---------------------------------------------------------------------------------------------
 // host side
 
-void check_gae_cuda(const char* op, const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
-                    const at::Tensor& mask) {
-  TORCH_CHECK_VALUE(a.dim() == 2, op, ": ", a_name, " must be 2-D [B, T], got shape ", a.sizes());
-  TORCH_CHECK_VALUE(b.sizes() == a.sizes() && mask.sizes() == a.sizes(), op, ": ", b_name, " shape ", b.sizes(),
-                    " and mask shape ", mask.sizes(), " must match ", a_name, " shape ", a.sizes());
-  TORCH_CHECK_VALUE(b.scalar_type() == a.scalar_type(), op, ": ", b_name, " dtype ", b.scalar_type(),
-                    " does not match ", a_name, " dtype ", a.scalar_type());
-  TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool, op, ": mask must be a bool tensor, got ", mask.scalar_type());
-  TORCH_CHECK_VALUE(a.is_cuda() && b.device() == a.device() && mask.device() == a.device(), op,
-                    ": all inputs must be on one CUDA device, got ", a.device(), ", ", b.device(), ", ",
-                    mask.device());
-}
-
 unsigned rows_grid(int64_t B) { return static_cast<unsigned>((B + kRowsPerBlock - 1) / kRowsPerBlock); }
 
 std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values,
                                             const at::Tensor& mask, double gamma, double lam) {
-  check_gae_cuda("megarl::gae", rewards, "rewards", values, "values", mask);
+  check_gae_inputs("megarl::gae", rewards, "rewards", values, "values", mask);
   const c10::cuda::CUDAGuard guard(rewards.device());
   auto r = rewards.contiguous();
   auto v = values.contiguous();
@@ -324,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
 std::tuple<at::Tensor, at::Tensor> gae_backward_cuda(const at::Tensor& grad_advantages,
                                                      const at::Tensor& grad_returns, const at::Tensor& mask,
                                                      double gamma, double lam) {
-  check_gae_cuda("megarl::gae_backward", grad_advantages, "grad_advantages", grad_returns, "grad_returns", mask);
+  check_gae_inputs("megarl::gae_backward", grad_advantages, "grad_advantages", grad_returns, "grad_returns", mask);
   const c10::cuda::CUDAGuard guard(grad_advantages.device());
   auto ga = grad_advantages.contiguous();
   auto gr = grad_returns.contiguous();
@@ -358,20 +347,7 @@ int parse_group_mode(c10::string_view mode) {
 at::Tensor group_advantages_cuda(const at::Tensor& scores, const at::Tensor& group_ids, c10::string_view mode_name,
                                  double eps) {
   const int mode = parse_group_mode(mode_name);
-  TORCH_CHECK_VALUE(scores.dim() == 1 && at::isFloatingType(scores.scalar_type()),
-                    "megarl::group_advantages: scores must be a 1-D floating-point tensor, got shape ", scores.sizes(),
-                    " dtype ", scores.scalar_type());
-  TORCH_CHECK_VALUE(group_ids.dim() == 1 && group_ids.scalar_type() == at::kLong,
-                    "megarl::group_advantages: group_ids must be a 1-D int64 tensor, got shape ", group_ids.sizes(),
-                    " dtype ", group_ids.scalar_type());
-  TORCH_CHECK_VALUE(group_ids.size(0) == scores.size(0), "megarl::group_advantages: group_ids has ",
-                    group_ids.size(0), " elements, scores has ", scores.size(0));
-  TORCH_CHECK_VALUE(scores.is_cuda() && group_ids.device() == scores.device(),
-                    "megarl::group_advantages: scores and group_ids must be on one CUDA device, got ", scores.device(),
-                    " and ", group_ids.device());
-  TORCH_CHECK_VALUE(scores.size(0) < std::numeric_limits<int32_t>::max() / 2,
-                    "megarl::group_advantages: at most 2^30 scores, got ", scores.size(0));
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "megarl::group_advantages: eps must be finite and >= 0, got ", eps);
+  check_group_advantages_inputs(scores, group_ids, eps);
   const c10::cuda::CUDAGuard guard(scores.device());
   auto s = scores.contiguous();
   auto ids = group_ids.contiguous();

@@ -24,6 +24,8 @@
 #include <limits>
 #include <tuple>
 
+#include "checks.h"
+
 namespace megarl {
 namespace {
 
@@ -243,15 +245,9 @@ void check_launch(const char* op) {
 }
 
 void check_common(const at::Tensor& logits, const at::Tensor& targets, double temperature, const char* op) {
-  TORCH_CHECK(logits.is_cuda() && targets.is_cuda(), op, ": logits and targets must be CUDA tensors");
-  TORCH_CHECK(targets.device() == logits.device(), op, ": targets and logits must be on one device");
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be [T, V], got ", logits.sizes());
-  TORCH_CHECK(logits.size(1) >= 1, op, ": logits need at least one vocabulary column");
-  TORCH_CHECK(logits.size(0) <= std::numeric_limits<int32_t>::max(), op, ": too many rows for one grid");
-  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0), op, ": targets must be [T] with T = ",
-              logits.size(0), ", got ", targets.sizes());
-  TORCH_CHECK(targets.scalar_type() == at::kLong, op, ": targets must be int64");
-  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), op, ": temperature must be finite and > 0");
+  check_logprob_inputs(logits, targets, temperature, op);
+  TORCH_CHECK_VALUE(logits.size(0) <= std::numeric_limits<int32_t>::max(), op, ": too many rows for one grid: ",
+                    logits.size(0));
 }
 
 at::Tensor rows_dense(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
@@ -304,15 +300,8 @@ at::Tensor bwd_cuda(const at::Tensor& grad_logprobs, const at::Tensor& grad_entr
                     const at::Tensor& targets_in, const at::Tensor& lse_stats, const at::Tensor& entropy,
                     double temperature, int64_t vocab_start) {
   check_common(logits_in, targets_in, temperature, "logprob_entropy_bwd");
+  check_logprob_bwd_saved(grad_logprobs, grad_entropy, lse_stats, entropy, logits_in, "logprob_entropy_bwd");
   const int64_t T = logits_in.size(0);
-  for (const at::Tensor* t : {&grad_logprobs, &grad_entropy, &entropy}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == T && t->scalar_type() == at::kFloat &&
-                    t->device() == logits_in.device(),
-                "logprob_entropy_bwd: grads and entropy must be float32 [T] on the logits' device");
-  }
-  TORCH_CHECK(lse_stats.dim() == 2 && lse_stats.size(0) == T && lse_stats.size(1) == 2 &&
-                  lse_stats.scalar_type() == at::kFloat && lse_stats.device() == logits_in.device(),
-              "logprob_entropy_bwd: lse_stats must be float32 [T, 2] on the logits' device");
   c10::DeviceGuard guard(logits_in.device());
   const at::Tensor logits = rows_dense(logits_in);
   const at::Tensor targets = targets_in.contiguous(), g_lp = grad_logprobs.contiguous(),

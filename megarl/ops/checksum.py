@@ -18,7 +18,7 @@ number of words (the sign of every other float32, the conjugate of a complex64 t
 cancel in both sums; swapped, they are bit-31 changes, which the weights keep apart. dtype and
 shape are not part of it (tensor_checksum adds them).
 
-Kernels: csrc/checksum.cpp (one read of the tensor, at::parallel_for over 512 KiB chunks, the
+Kernels: csrc/checksum.cpp (one read of the tensor, at::parallel_for over 4 MiB chunks, the
 weighted sum by running sums: additions only), csrc/cuda/checksum.cu (grid-stride loop, warp
 reduction, one 64-bit atomicAdd pair per block). ``checksum`` is the one dispatch point.
 """

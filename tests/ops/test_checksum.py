@@ -13,9 +13,10 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 MASK64 = 2**64 - 1
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8, torch.uint8, torch.int16,
           torch.int32, torch.int64, torch.bool, torch.complex64]
-# 0, sub-word, one word, not a multiple of the 8 CPU lanes, around 8 KiB, and over one 512 KiB
-# CPU task (so several tasks on two threads)
-NUMELS = [0, 1, 3, 7, 8, 9, 1023, 1025, 4097, (1 << 16) + 5, 3 * (1 << 17) + 13]
+# 0, sub-word, one word, not a multiple of the 8 CPU lanes, around 8 KiB, and (for 2-byte and
+# wider dtypes) over one 4 MiB CPU task, so several tasks on two threads
+CPU_TASK_WORDS = 1 << 19
+NUMELS = [0, 1, 3, 7, 8, 9, 1023, 1025, 4097, (1 << 16) + 5, (1 << 21) + 13]
 
 
 def _device_param(device: str):
@@ -132,7 +133,7 @@ def test_kernel_layouts(device):
 
 def test_cpu_kernel_independent_of_thread_count():
     _require_kernel("cpu")
-    x = _random(5 * (1 << 16) * 2 + 3, torch.float32, seed=5)
+    x = _random(6 * CPU_TASK_WORDS + 3, torch.float64, seed=5)  # 6 tasks and a bit
     before = torch.get_num_threads()
     try:
         results = []
@@ -172,10 +173,11 @@ def test_every_single_bit_flip_changes_the_sum(device):
 
 @pytest.mark.parametrize("device", [_device_param(d) for d in DEVICES])
 def test_bit_flips_in_a_large_tensor(device):
-    x = _random(3 * (1 << 17) + 13, torch.float32, seed=8, device=device)  # several CPU tasks
+    x = _random(4 * CPU_TASK_WORDS + 13, torch.float32, seed=8, device=device)  # 3 CPU tasks
     base = ops.checksum(x)
     raw = x.view(torch.int32)
-    for pos in (0, 1, 12345, (1 << 17) - 1, 1 << 17, raw.numel() - 1):
+    boundary = 2 * CPU_TASK_WORDS  # first int32 of the second task
+    for pos in (0, 1, 12345, boundary - 1, boundary, raw.numel() - 1):
         for bit in (0, 17, 31):
             y = raw.clone()
             y[pos] ^= 1 << bit
