@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check (for a session that has the device machine): builds the CUDA kernels in
 # place against the machine's own torch, runs the op tests (CUDA cases included), then the op
-# benchmarks. Writes logs to $OUT (or ./gpu-out). Meant to finish in a few minutes on an H100.
+# benchmarks (gae, group_advantages, logprob_entropy, checksum: benchmarks/ops_*.py). Writes logs to $OUT (or ./gpu-out). Meant to finish in a few minutes on an H100.
 #   run: bash benchmarks/gpu_check.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -13,5 +13,8 @@ PY=${PYTHON:-python3}
 # a CUDA torch and nvcc. TORCH_CUDA_ARCH_LIST keeps the build to the card at hand.
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 $PY setup.py build_ext --inplace 2>&1 | tail -20 | tee "$OUT/build.txt"
 $PY -m megarl.cli info 2>&1 | tee "$OUT/info.txt"
+# the weight bridge's checksum first (CUDA kernel bit-exact against the torch reference), so a
+# failure elsewhere in tests/ops (-x) cannot hide it; timed below with the other ops
+timeout 180 $PY -m pytest -q tests/ops/test_checksum.py 2>&1 | tail -15 | tee "$OUT/checksum_tests.txt"
 timeout 300 $PY -m pytest -q -x tests/ops 2>&1 | tail -30 | tee "$OUT/tests.txt"
 timeout 300 $PY benchmarks/ops.py 2>&1 | tee "$OUT/ops_gpu.md"

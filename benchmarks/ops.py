@@ -4,8 +4,9 @@
     python benchmarks/ops.py --quick    # small shapes (a smoke run, used by the tests)
     python benchmarks/ops.py --only gae
 
-Cases come from benchmarks/ops_advantages.py (gae, group_advantages) and
-benchmarks/ops_logprob.py (logprob_entropy, logprob_entropy_from_hidden); each defines
+Cases come from benchmarks/ops_advantages.py (gae, group_advantages),
+benchmarks/ops_logprob.py (logprob_entropy, logprob_entropy_from_hidden) and
+benchmarks/ops_checksum.py (checksum); each defines
 `cases(device, quick) -> list[Case]`. On a GPU the table also shows achieved GB/s next to a
 device-to-device copy measured in the same run.
 """
@@ -21,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _harness import Case, ensure_malloc_env, fmt_bytes, machine_line, peak_extra_bytes, time_ms  # noqa: E402
 
-CASE_MODULES = ("ops_advantages", "ops_logprob")
+CASE_MODULES = ("ops_advantages", "ops_logprob", "ops_checksum")
 
 
 def copy_bandwidth_gbs(device) -> float:

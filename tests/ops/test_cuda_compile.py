@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -48,6 +49,23 @@ def nvcc_command(source: Path, obj: Path, extra_include: Path) -> list[str]:
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DPy_LIMITED_API=0x03090000",
         *[f"-I{p}" for p in includes],
     ]  # fmt: skip
+
+
+def _impls(text: str, key: str) -> set[str]:
+    """Op names registered by m.impl("name", ...) inside TORCH_LIBRARY_IMPL(megarl, key, m)."""
+    names = set()
+    for block in re.findall(r"TORCH_LIBRARY_IMPL\(megarl,\s*" + key + r",\s*m\)\s*\{([^{}]*)\}", text):
+        names |= set(re.findall(r'm\.impl\("([a-z_0-9]+)"', block))
+    return names
+
+
+def test_every_cpu_kernel_has_a_cuda_source():
+    """Every op with a CPU kernel in csrc/*.cpp has a CUDA kernel in csrc/cuda/*.cu (which the
+    compile test below then checks), so no op silently runs its reference on a GPU."""
+    cpu = set().union(*(_impls(f.read_text(), "CPU") for f in (REPO / "csrc").glob("*.cpp")))
+    cuda = set().union(*(_impls(f.read_text(), "CUDA") for f in CU_FILES))
+    assert {"gae", "group_advantages", "logprob_entropy_fwd", "checksum"} <= cpu, cpu
+    assert cpu - cuda == set(), f"CPU kernels without a CUDA kernel: {sorted(cpu - cuda)}"
 
 
 @pytest.fixture(scope="module")
