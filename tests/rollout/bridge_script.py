@@ -13,6 +13,9 @@ HFEngine (transformers) and:
      WeightSyncError on every rank of that group, and on no other rank;
   5. (Qwen2) a MegatronEngine over its own copy of the model: the fast path (shard copies), the
      gather path through its HF update_weights, and the generate probe.
+In the tp1pp1 layout each rank also runs one single-process check (check_* below: syncs into
+HFEngine and MegatronEngine, bf16, broken engines), so that no test calls init_parallel in the
+pytest process.
 Rank 0 writes OUT_DIR/results.json; tests/rollout/test_bridge.py asserts on it.
 """
 
@@ -190,6 +193,149 @@ def run_model(name: str, model_dir: Path, engine, layout, groups, records: list,
     records.append(rec)
 
 
+# ---- single-process checks (TP1 PP1), run inside the launch ---------------------------------------
+#
+# They used to run in the pytest process, where init_parallel switches on megarl's CPU
+# compatibility layer for megatron-core for the rest of the session. In the tp1pp1 layout every
+# rank is an independent TP1 PP1 replica; each runs one of these checks (no collective crosses
+# ranks) and the results go to results.json["single"].
+
+SINGLE_ATOL = 1e-4
+
+
+def error_record(fn) -> dict | None:
+    """What fn raised (type, WeightSyncError fields, message), None if it returned."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the test asserts on the type
+        return dict(type=type(e).__name__, kind=getattr(e, "kind", None), tensors=getattr(e, "tensors", None),
+                    message=str(e)[:2000])
+    return None
+
+
+def _trainer(model_dir, layout, groups, salt: int):
+    spec = arch_spec(model_dir)
+    chunks = build_model(spec, layout, groups=groups)
+    randomise(chunks, spec, layout, groups, salt=salt)
+    return spec, chunks
+
+
+def check_sync_into_hf_engine(model_dir, layout, groups) -> dict:
+    """A sync into HFEngine streams buckets one at a time within the budget, verifies every
+    tensor, and leaves the engine's logits equal to megatron's."""
+    from megarl.rollout.hf_engine import HFEngine
+
+    spec, chunks = _trainer(model_dir, layout, groups, salt=0)
+    engine = HFEngine(model_dir)
+    bucket_mb = 0.03
+    bridge = WeightBridge(chunks, spec, layout, groups, BridgeConfig(bucket_mb=bucket_mb, probe_atol=SINGLE_ATOL))
+    seen = []
+    bridge.add_transit_hook(lambda b: seen.append(sum(t.numel() * t.element_size() for t in b.values())))
+    report = bridge.sync(engine)
+    ids = torch.tensor([[5, 17, 300, 42, 999, 7]])
+    with torch.no_grad():
+        hf = engine.model(ids).logits
+        mc = chunks[0](ids, torch.arange(6)[None], None)[..., : spec.vocab_size]
+    return dict(path=report.path, bytes=report.bytes, seen=seen, bucket_bytes=bucket_mb * 2**20,
+                hf_bytes=sum(p.numel() for p in engine.model.parameters()) * 4,
+                biggest=max(t.numel() * 4 for t in engine.model.state_dict().values()),
+                num_buckets=report.num_buckets, checksums_verified=report.checksums_verified,
+                num_tensors=report.num_tensors, state_tensors=len(engine.model.state_dict()),
+                probe=report.probe, probe_max_abs_diff=report.probe_max_abs_diff,
+                logits_max_abs_diff=(hf - mc).abs().max().item())
+
+
+def check_bf16_engine(model_dir, layout, groups) -> dict:
+    """A bf16 engine fails the checksum with the dtype hint, then passes with BridgeConfig.dtype."""
+    from megarl.rollout.hf_engine import HFEngine
+
+    spec, chunks = _trainer(model_dir, layout, groups, salt=1)
+    engine = HFEngine(model_dir, dtype=torch.bfloat16)
+    bridge = WeightBridge(chunks, spec, layout, groups, BridgeConfig(verify_every=0))
+    out = dict(undeclared=error_record(lambda: bridge.sync(engine)))
+    bridge = WeightBridge(chunks, spec, layout, groups, BridgeConfig(dtype="bfloat16", probe_atol=0.1))
+    report = bridge.sync(engine)
+    out.update(checksums_verified=report.checksums_verified, num_tensors=report.num_tensors,
+               probe_max_abs_diff=report.probe_max_abs_diff)
+    return out
+
+
+class LoadsHalf:
+    """A broken engine: reads the first bucket only (as an engine that drops a stream would)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.model = inner.model
+
+    def update_weights(self, buckets):
+        for bucket in buckets:
+            self.inner.update_weights([bucket])
+            return
+
+
+class Raises(LoadsHalf):
+    def update_weights(self, buckets):
+        next(iter(buckets))
+        raise ValueError("out of memory while loading")
+
+
+def check_broken_engines(model_dir, layout, groups) -> dict:
+    from megarl.rollout.hf_engine import HFEngine
+
+    spec, chunks = _trainer(model_dir, layout, groups, salt=2)
+    inner = HFEngine(model_dir)
+    bridge = WeightBridge(chunks, spec, layout, groups, BridgeConfig(bucket_mb=0.03))
+    out = dict(loads_half=error_record(lambda: bridge.sync(LoadsHalf(inner))),
+               raises=error_record(lambda: bridge.sync(Raises(inner))))
+    out["stale_after_failures"] = bridge.is_stale()  # a failed sync delivers no version
+    out["opaque"] = error_record(lambda: bridge.sync(type("Opaque", (), {"update_weights": lambda self, b: [*b]})()))
+    return out
+
+
+def check_megatron_engine_paths(model_dir, layout, groups) -> dict:
+    """MegatronEngine on the trainer's own chunks (shared), on a copy (fast path), and staleness
+    after an SGD step."""
+    from megarl.rollout.megatron_engine import MegatronEngine
+
+    spec, chunks = _trainer(model_dir, layout, groups, salt=3)
+    bridge = WeightBridge(chunks, spec, layout, groups, BridgeConfig(probe_atol=SINGLE_ATOL))
+    shared = MegatronEngine(chunks, spec, layout, groups, max_batch=4, max_seq_len=64)
+    report = bridge.sync(shared)
+    out = dict(shared=dict(path=report.path, bytes=report.bytes, probe_max_abs_diff=report.probe_max_abs_diff))
+    copy = MegatronEngine(build_model(spec, layout, groups=groups), spec, layout, groups, max_batch=4, max_seq_len=64)
+    opt = torch.optim.SGD([p for c in chunks for p in c.parameters()], lr=0.1)
+    bridge.track_optimizer(opt)
+    report = bridge.sync(copy)
+    out["fast"] = dict(path=report.path, probe_max_abs_diff=report.probe_max_abs_diff,
+                       checksums_verified=report.checksums_verified, num_tensors=report.num_tensors,
+                       num_params=sum(1 for c in chunks for _ in c.parameters()))
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    out["stale_after_step"] = bridge.is_stale()
+    out["verify_after_step"] = error_record(lambda: bridge.verify(copy))
+    bridge.sync(copy)
+    out["stale_after_resync"] = bridge.is_stale()
+    return out
+
+
+SINGLE_CHECKS = ("sync_into_hf_engine", "bf16_engine", "broken_engines", "megatron_engine_paths")  # by rank
+
+
+def run_single_check(model_dir, layout, groups, rank: int) -> dict:
+    import traceback
+
+    if rank >= len(SINGLE_CHECKS):
+        return {}
+    name = SINGLE_CHECKS[rank]
+    t0 = time.perf_counter()
+    try:
+        result = globals()["check_" + name](model_dir, layout, groups)
+    except Exception:  # noqa: BLE001 - reported to the test that owns the check
+        result = {"crashed": traceback.format_exc()}
+    return {name: result, name + "_seconds": round(time.perf_counter() - t0, 2)}
+
+
 def main() -> int:
     out_dir = Path(sys.argv[1])
     torch.set_num_threads(1)
@@ -205,19 +351,23 @@ def main() -> int:
 
     engines = {name: HFEngine(path) for name, path in dirs.items()}
     records: list[dict] = []
+    single: dict = {}
     layout_seconds = {}
     for layout in LAYOUTS:
         t0 = time.perf_counter()
         groups = init_parallel(layout, seed=1234)
         for name, path in dirs.items():
             run_model(name, path, engines[name], layout, groups, records, rank)
+        if layout_name(layout) == "tp1pp1":
+            single.update(run_single_check(dirs["qwen2"], layout, groups, rank))
         destroy_parallel()
         layout_seconds[layout_name(layout)] = round(time.perf_counter() - t0, 2)
 
     gathered = [None] * world if rank == 0 else None
-    dist.gather_object(records, gathered, dst=0)
+    dist.gather_object((records, single), gathered, dst=0)
     if rank == 0:
-        result = dict(records=[r for rs in gathered for r in rs], layout_seconds=layout_seconds,
+        result = dict(records=[r for rs, _ in gathered for r in rs], layout_seconds=layout_seconds,
+                      single={k: v for _, s in gathered for k, v in s.items()},
                       total_seconds=round(time.perf_counter() - t_start, 2))
         tmp = out_dir / "results.json.tmp"
         tmp.write_text(json.dumps(result, indent=1))

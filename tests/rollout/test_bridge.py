@@ -1,6 +1,7 @@
-"""WeightBridge: checksums, config errors, one-process syncs into HFEngine / MegatronEngine, and
-ONE 4-rank torchrun launch (tests/rollout/bridge_script.py) covering TP/PP in {1,2}x{1,2} and
-virtual PP 2.
+"""WeightBridge: checksums and config errors (in this process), and ONE 4-rank torchrun launch
+(tests/rollout/bridge_script.py) covering TP/PP in {1,2}x{1,2} and virtual PP 2, whose tp1pp1
+layout also runs the one-process syncs into HFEngine / MegatronEngine (one per rank), so no
+test calls init_parallel in the pytest process.
 
 Tolerance: float32 on both sides; engine and trainer log-probs on the probe must agree within
 1e-4 (measured: <= 1e-6 for transformers vs megatron, 0 for megatron vs megatron). Stale or
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,147 +83,63 @@ def test_probe_batch_checks_and_default():
     assert all(0 <= t < 100 for s in probe.sequences for t in s)
 
 
-# ---- one process ------------------------------------------------------------------------------------
+# ---- one process: run by bridge_script.py in its tp1pp1 layout (one check per rank) --------------
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """TP1 PP1 megatron state in this process, and a tiny Qwen2 HF directory."""
-    sys.path.insert(0, str(HERE))
-    from bridge_script import save_tiny_model
-
-    from megarl.parallel.groups import ParallelLayout, destroy_parallel, init_parallel, single_process_world
-
-    path = tmp_path_factory.mktemp("tiny-qwen2")
-    save_tiny_model(path, "qwen2", seed=0)
-    with single_process_world():
-        layout = ParallelLayout()
-        groups = init_parallel(layout, seed=5)
-        try:
-            yield path, layout, groups
-        finally:
-            destroy_parallel()
+def single(distributed, name: str) -> dict:
+    """The result of one single-process check; its traceback if it crashed in the child."""
+    result = distributed["single"].get(name)
+    assert result is not None, f"check {name!r} did not run (ranks ran {sorted(distributed['single'])})"
+    if "crashed" in result:
+        pytest.fail(f"check {name!r} raised in bridge_script.py:\n{result['crashed']}")
+    return result
 
 
-def _trainer(world, salt=0):
-    from bridge_script import randomise
-
-    from megarl.models.builder import build_model
-    from megarl.models.hf_config import arch_spec
-
-    path, layout, groups = world
-    spec = arch_spec(path)
-    chunks = build_model(spec, layout, groups=groups)
-    randomise(chunks, spec, layout, groups, salt=salt)
-    return spec, chunks
+def assert_error(err, pattern: str, kind: str | None = None, type_name: str = "WeightSyncError") -> None:
+    assert err is not None, f"nothing raised, expected {type_name} matching {pattern!r}"
+    assert err["type"] == type_name and re.search(pattern, err["message"]), err
+    if kind is not None:
+        assert err["kind"] == kind, err
 
 
-def test_sync_into_hf_engine_one_bucket_at_a_time(world):
-    from megarl.rollout.hf_engine import HFEngine
-
-    path, layout, groups = world
-    spec, chunks = _trainer(world)
-    engine = HFEngine(path)
-    bucket_mb = 0.03
-    bridge = WeightBridge(chunks, spec, layout, groups, BridgeConfig(bucket_mb=bucket_mb, probe_atol=ATOL))
-    seen = []
-    bridge.add_transit_hook(lambda b: seen.append(sum(t.numel() * t.element_size() for t in b.values())))
-    report = bridge.sync(engine)
-    assert report.path == "gather"
-    hf_bytes = sum(p.numel() for p in engine.model.parameters()) * 4
-    assert report.bytes == hf_bytes == sum(seen)
+def test_sync_into_hf_engine_one_bucket_at_a_time(distributed):
+    r = single(distributed, "sync_into_hf_engine")
+    assert r["path"] == "gather"
+    assert r["bytes"] == r["hf_bytes"] == sum(r["seen"])
     # each bucket fits the budget unless one tensor alone is larger (the 1000 x 64 embedding)
-    biggest = max(t.numel() * 4 for t in engine.model.state_dict().values())
-    assert max(seen) <= max(bucket_mb * 2**20, biggest)
-    assert report.num_buckets == len(seen) > 5
-    assert report.checksums_verified == report.num_tensors == len(engine.model.state_dict())
-    assert report.probe == "prompt_logprobs" and report.probe_max_abs_diff <= ATOL
+    assert max(r["seen"]) <= max(r["bucket_bytes"], r["biggest"])
+    assert r["num_buckets"] == len(r["seen"]) > 5
+    assert r["checksums_verified"] == r["num_tensors"] == r["state_tensors"]
+    assert r["probe"] == "prompt_logprobs" and r["probe_max_abs_diff"] <= ATOL
     # the engine really holds the trainer's weights: its logits equal megatron's
-    ids = torch.tensor([[5, 17, 300, 42, 999, 7]])
-    with torch.no_grad():
-        hf = engine.model(ids).logits
-        mc = chunks[0](ids, torch.arange(6)[None], None)[..., : spec.vocab_size]
-    torch.testing.assert_close(hf, mc, rtol=0, atol=2e-5)
+    assert r["logits_max_abs_diff"] <= 2e-5
 
 
-def test_bf16_engine_needs_the_dtype_and_then_checks_bits(world):
-    from megarl.rollout.hf_engine import HFEngine
-
-    path, layout, groups = world
-    spec, chunks = _trainer(world, salt=1)
-    engine = HFEngine(path, dtype=torch.bfloat16)
-    bridge = WeightBridge(chunks, spec, layout, groups, BridgeConfig(verify_every=0))
-    with pytest.raises(WeightSyncError, match="set BridgeConfig.dtype") as err:
-        bridge.sync(engine)
-    assert err.value.kind == "checksum" and err.value.tensors
-    bridge = WeightBridge(chunks, spec, layout, groups, BridgeConfig(dtype="bfloat16", probe_atol=0.1))
-    report = bridge.sync(engine)
-    assert report.checksums_verified == report.num_tensors
-    assert 1e-4 < report.probe_max_abs_diff <= 0.1  # bf16 rounding, far from a stale engine
+def test_bf16_engine_needs_the_dtype_and_then_checks_bits(distributed):
+    r = single(distributed, "bf16_engine")
+    assert_error(r["undeclared"], "set BridgeConfig.dtype", kind="checksum")
+    assert r["undeclared"]["tensors"]
+    assert r["checksums_verified"] == r["num_tensors"]
+    assert 1e-4 < r["probe_max_abs_diff"] <= 0.1  # bf16 rounding, far from a stale engine
 
 
-class _LoadsHalf:
-    """A broken engine: reads the first bucket only (as an engine that drops a stream would)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.model = inner.model
-
-    def update_weights(self, buckets):
-        for bucket in buckets:
-            self.inner.update_weights([bucket])
-            return
+def test_broken_engines_are_reported(distributed):
+    r = single(distributed, "broken_engines")
+    assert_error(r["loads_half"], "stopped reading after 1 of", kind="stream")
+    assert_error(r["raises"], "out of memory while loading", kind="engine")
+    assert r["stale_after_failures"]  # a failed sync delivers no version
+    assert_error(r["opaque"], "weight_checksums", type_name="ValueError")
 
 
-class _Raises(_LoadsHalf):
-    def update_weights(self, buckets):
-        next(iter(buckets))
-        raise ValueError("out of memory while loading")
-
-
-def test_broken_engines_are_reported(world):
-    from megarl.rollout.hf_engine import HFEngine
-
-    path, layout, groups = world
-    spec, chunks = _trainer(world, salt=2)
-    inner = HFEngine(path)
-    bridge = WeightBridge(chunks, spec, layout, groups, BridgeConfig(bucket_mb=0.03))
-    with pytest.raises(WeightSyncError, match="stopped reading after 1 of") as err:
-        bridge.sync(_LoadsHalf(inner))
-    assert err.value.kind == "stream"
-    with pytest.raises(WeightSyncError, match="out of memory while loading") as err:
-        bridge.sync(_Raises(inner))
-    assert err.value.kind == "engine"
-    assert bridge.is_stale()  # a failed sync delivers no version
-    with pytest.raises(ValueError, match="weight_checksums"):
-        bridge.sync(type("Opaque", (), {"update_weights": lambda self, b: [*b]})())
-
-
-def test_megatron_engine_shared_fast_and_tracked(world):
-    from megarl.models.builder import build_model
-    from megarl.rollout.megatron_engine import MegatronEngine
-
-    path, layout, groups = world
-    spec, chunks = _trainer(world, salt=3)
-    bridge = WeightBridge(chunks, spec, layout, groups, BridgeConfig(probe_atol=ATOL))
-    shared = MegatronEngine(chunks, spec, layout, groups, max_batch=4, max_seq_len=64)
-    report = bridge.sync(shared)
-    assert report.path == "shared" and report.bytes == 0 and report.probe_max_abs_diff == 0.0
-
-    copy = MegatronEngine(build_model(spec, layout, groups=groups), spec, layout, groups, max_batch=4, max_seq_len=64)
-    opt = torch.optim.SGD([p for c in chunks for p in c.parameters()], lr=0.1)
-    bridge.track_optimizer(opt)
-    report = bridge.sync(copy)
-    assert report.path == "fast" and report.probe_max_abs_diff == 0.0
-    assert report.checksums_verified == report.num_tensors == sum(1 for c in chunks for _ in c.parameters())
-    for p in opt.param_groups[0]["params"]:
-        p.grad = torch.ones_like(p)
-    opt.step()
-    assert bridge.is_stale()
-    with pytest.raises(WeightSyncError, match="probe sequences"):
-        bridge.verify(copy)
-    bridge.sync(copy)
-    assert not bridge.is_stale()
+def test_megatron_engine_shared_fast_and_tracked(distributed):
+    r = single(distributed, "megatron_engine_paths")
+    assert r["shared"] == dict(path="shared", bytes=0, probe_max_abs_diff=0.0)
+    fast = r["fast"]
+    assert fast["path"] == "fast" and fast["probe_max_abs_diff"] == 0.0
+    assert fast["checksums_verified"] == fast["num_tensors"] == fast["num_params"]
+    assert r["stale_after_step"]
+    assert_error(r["verify_after_step"], "probe sequences")
+    assert not r["stale_after_resync"]
 
 
 # ---- 4 ranks ----------------------------------------------------------------------------------------
