@@ -189,6 +189,8 @@ def test_ppo_with_prm_at_pp2_matches_references_and_resumes(demo_dir, tmp_path):
                 + step_rewards_to_token_rewards(shaped, d["prm_step_end"], ids.shape[1], step_mask))
     assert (expected - d["token_rewards"]).abs().max() < ATOL
     assert shaped.abs().sum() > 0.1  # the PRM did change the rewards
+    # rank 0 (first stage) logs what the last stage computed: the PRM output was broadcast
+    assert m_full[1]["reward/prm_step_mean"] == pytest.approx(float(probs[step_mask].mean()), abs=ATOL)
     # returns are GAE's (gamma = lam = 1) over those rewards and the critic's values
     _, returns = ops.gae(d["token_rewards"], d["values"], d["response_mask"], 1.0, 1.0)
     assert (returns[mask] - d["returns"][mask]).abs().max() < 1e-5
@@ -213,8 +215,11 @@ def test_ppo_with_orm_at_dp2_learns_values_and_shapes_scores(demo_dir, tmp_path)
     assert m[1]["critic/explained_variance"] < 0
     assert m[7]["critic/explained_variance"] > 0 and m[8]["critic/explained_variance"] > 0
     assert max(m[7]["critic/value_loss"], m[8]["critic/value_loss"]) < m[1]["critic/value_loss"] / 4
-    for dp_rank in (0, 1):
-        d = _rollouts(run, 1, dp_rank)
+    dumps = [_rollouts(run, 1, dp_rank) for dp_rank in (0, 1)]
+    assert m[1]["reward/mean"] == pytest.approx(float(torch.cat([d["scores"] for d in dumps]).mean()), abs=1e-5)
+    assert m[1]["reward/rm_score_mean"] == pytest.approx(float(torch.cat([d["rm_score"] for d in dumps]).mean()),
+                                                         abs=1e-5)
+    for d in dumps:
         ids, mask = d["input_ids"], d["response_mask"].bool()
         assert (d["values"][mask] - _hf_values(value_dir, ids)[mask]).abs().max() < ATOL
         last = d["prompt_lengths"] + d["response_lengths"] - 1
