@@ -1,5 +1,5 @@
 """PPO with a critic (estimator gae) and learned reward models (ORM shaping, PRM step rewards) in
-`megarl train`, end to end on the demo task (tiny Qwen2, character tokenizer), 2 gloo ranks.
+`megarl train`, end to end on the demo task (tiny Qwen2, character tokenizer), on gloo ranks.
 
 Three launches:
   * PPO + PRM at PP=2, 4 steps, checkpoint at step 2; then a run resumed from that checkpoint
@@ -7,9 +7,10 @@ Three launches:
     the critic's values (PP=2) equal the unsharded HF Qwen2ForTokenClassification's; the token
     rewards equal outcome + shape_prm_rewards(PRM step probabilities from an HF reference
     forward) placed by step_rewards_to_token_rewards; the returns equal megarl.ops.gae's.
-  * PPO + ORM (loaded from a megarl checkpoint) at DP=2, 8 steps on one prompt: the value loss
-    falls and the explained variance turns positive; the ORM scores equal an HF reference
-    forward and the sequence scores equal qwen_math_shaping(r_m, r_v, alpha).
+  * PPO + ORM (loaded from a megarl checkpoint) at TP=2 x DP=2 (4 ranks), 8 steps on one
+    prompt: the value loss falls and the explained variance turns positive; the critic's first
+    values and the ORM scores equal HF reference forwards, and the sequence scores equal
+    qwen_math_shaping(r_m, r_v, alpha).
 Config errors for combinations that make no sense are checked in-process.
 """
 
@@ -196,7 +197,7 @@ def test_ppo_with_prm_at_pp2_matches_references_and_resumes(demo_dir, tmp_path):
     assert (returns[mask] - d["returns"][mask]).abs().max() < 1e-5
 
 
-def test_ppo_with_orm_at_dp2_learns_values_and_shapes_scores(demo_dir, tmp_path):
+def test_ppo_with_orm_at_tp2_dp2_learns_values_and_shapes_scores(demo_dir, tmp_path):
     from megarl.algorithms.rewards import qwen_math_shaping
 
     value_dir = make_head_model(demo_dir / "init", tmp_path / "value", "value", seed=1)
@@ -204,11 +205,11 @@ def test_ppo_with_orm_at_dp2_learns_values_and_shapes_scores(demo_dir, tmp_path)
 
     orm_dir = make_head_model(demo_dir / "init", tmp_path / "orm", "orm", seed=3, scale=3.0)
     orm_mcore = tmp_path / "orm_mcore"  # the reward model as a megarl checkpoint at the run's layout
-    hf_to_mcore_dir(orm_dir, orm_mcore, tp=1, pp=1, progress=False)
+    hf_to_mcore_dir(orm_dir, orm_mcore, tp=2, pp=1, progress=False)
     run = tmp_path / "orm_run"
-    _train(demo_dir, run, "parallel.tp=1", "parallel.pp=1", "train.steps=8", "train.epochs=4", "optim.lr=1e-5",
+    _train(demo_dir, run, "parallel.tp=2", "parallel.pp=1", "train.steps=8", "train.epochs=4", "optim.lr=1e-5",
            f"critic.hf_dir={value_dir}", "critic.optim.lr=0.001", "reward.model.kind=orm",
-           f"reward.model.path={orm_mcore}", "reward.model.alpha=0.7", "data.train_indices=[0]")
+           f"reward.model.path={orm_mcore}", "reward.model.alpha=0.7", "data.train_indices=[0]", nproc=4)
     m = _metrics(run / "metrics.jsonl")
     assert sorted(m) == list(range(1, 9))
     # the critic learns: value loss falls, explained variance goes from negative to positive
