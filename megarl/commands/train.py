@@ -28,6 +28,11 @@ def launch_if_needed(nproc: int, argv: list[str]) -> int | None:
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
            "-m", "megarl.cli", *argv]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))))
+    # glibc keeps freed activation memory in its heap, so a process's resident memory only
+    # grows; serving blocks of 64 KiB and more by mmap returns them to the OS when freed (peak
+    # RSS of the SmolLM2 recipe: 8.8 GB -> see docs/training.md). Set them yourself to override.
+    for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        env.setdefault(key, "65536")
     return subprocess.call(cmd, env=env)
 
 
