@@ -523,7 +523,7 @@ class WeightBridge:
                        expected: dict[str, str]) -> Iterator[dict[str, torch.Tensor]]:
         """Build, move and yield one bucket at a time (see the module docstring, steps 1-4)."""
         pp = self.layout.pp
-        checksum = self.config.checksum
+        use_checksum = self.config.checksum  # not `checksum`: that name is the op
         for bucket in buckets:
             mine = bucket.owner == self.pp_rank
             if fast:
@@ -540,7 +540,7 @@ class WeightBridge:
                 else:
                     tensors = dict(self._hf_tensors(bucket, report))
                 sums = None
-                if checksum:
+                if use_checksum:
                     t = time.perf_counter()
                     sums = _checksums(list(tensors.values()))
                     report.checksum_s += time.perf_counter() - t
@@ -561,7 +561,7 @@ class WeightBridge:
                         source = self._hf_tensors(bucket, report)
                     for name, tensor in source:
                         views[name].copy_(tensor)
-                    if checksum:
+                    if use_checksum:
                         t = time.perf_counter()
                         sums_t.copy_(torch.stack([checksum(v) for v in views.values()]))
                         report.checksum_s += time.perf_counter() - t
@@ -570,7 +570,7 @@ class WeightBridge:
                 report.broadcast_s += time.perf_counter() - t
                 tensors = views
                 sums = None
-                if checksum:
+                if use_checksum:
                     sums = [
                         f"{str(self.send_dtype).removeprefix('torch.')}{list(shape)}:"
                         f"{a & (2**64 - 1):016x}{b & (2**64 - 1):016x}"
