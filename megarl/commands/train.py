@@ -6,7 +6,7 @@ Outside torchrun it relaunches itself with `torchrun --standalone --nproc_per_no
 
 from __future__ import annotations
 
-HELP = "RL training (GRPO, Dr.GRPO, RLOO, REINFORCE++) from a YAML recipe"
+HELP = "RL training (GRPO, Dr.GRPO, RLOO, REINFORCE++, PPO with a critic) from a YAML recipe"
 
 
 def add_arguments(parser) -> None:
