@@ -11,6 +11,8 @@ from typing import Literal
 
 from megarl.algorithms.advantages import AdvantageConfig
 from megarl.eval.runner import EvalConfig
+from megarl.rollout.bridge import BridgeConfig
+from megarl.rollout.vllm_engine import VLLMEngineConfig
 from megarl.algorithms.losses import ActorLossConfig, CriticLossConfig
 from megarl.algorithms.rewards import FormatRewardConfig, HapoConfig, PrmShapingConfig
 
@@ -72,7 +74,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """Sampling for training rollouts (n per prompt) and greedy held-out evaluation."""
+    """Sampling for training rollouts (n per prompt) and greedy held-out evaluation, and the
+    engine that generates them (megarl/trainers/engines.py): "megatron" (in-process on the
+    actor's own parameters, nothing to sync), "hf" or "vllm" (a separate engine per rank that
+    the WeightBridge syncs after every step, configured by `bridge`; `sleep`: the engine
+    sleeps while the actor trains; `vllm`: the vLLM engine's settings)."""
 
     n: int = 4
     temperature: float = 1.0
@@ -80,12 +86,18 @@ class RolloutConfig:
     top_k: int = 0
     max_new_tokens: int = 48
     eval_max_new_tokens: int | None = None
+    engine: Literal["megatron", "hf", "vllm"] = "megatron"
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    sleep: bool = False
+    vllm: VLLMEngineConfig = field(default_factory=VLLMEngineConfig)
 
     def __post_init__(self) -> None:
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 for training rollouts, got {self.temperature}")
+        if self.sleep and self.engine == "megatron":
+            raise ValueError("sleep needs a separate engine (engine 'hf' or 'vllm'): the 'megatron' engine is the actor itself")
 
 
 @dataclass(frozen=True)

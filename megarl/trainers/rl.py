@@ -194,7 +194,7 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
     from megarl.models.mappings import iter_safetensors, load_hf_state_into
     from megarl.parallel.groups import ParallelLayout, init_distributed, init_parallel
     from megarl.rollout import SamplingParams
-    from megarl.rollout.megatron_engine import MegatronEngine
+    from megarl.trainers.engines import make_engine, sync_metrics
     from megarl.trainers import checkpoint as ckpt
     from megarl.trainers.data import PromptStream, load_prompt_records, render_prompt, resolve_model_dir
     from megarl.pipelines.one_shot import AccuracyLog
@@ -248,7 +248,7 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
     reward_model = (RewardModel(cfg.reward.model, layout, groups, dtype=dtype, tokenizer=tokenizer,
                                 vocab_size=spec.vocab_size, pad_id=pad_id)
                     if cfg.reward.model is not None else None)
-    engine = MegatronEngine(actor.modules, spec, layout, groups, tokenizer)
+    engine, bridge = make_engine(cfg.rollout, actor.modules, spec, layout, groups, tokenizer, hf_dir, dtype)
 
     # --- data, rewards, state -----------------------------------------------------------------
     train_records = load_prompt_records(cfg.data.train)
@@ -269,6 +269,10 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
     logger = MetricsLogger(run_dir, enabled=rank == 0, total_steps=cfg.train.steps, start_step=start_step)
     if latest is not None:
         logger.log_text(f"resumed from {latest} at step {start_step}")
+    if bridge is not None:  # a separate engine starts from the (possibly resumed) actor's weights
+        report = bridge.sync(engine)
+        logger.log_text(f"weights synced to the {cfg.rollout.engine} engine: {report.bytes / 1e6:.1f} MB in "
+                        f"{report.seconds:.2f} s, {report.checksums_verified} checksums verified")
 
     n = cfg.rollout.n
     prompts_per_rank = cfg.data.prompts_per_step // dp
@@ -359,6 +363,8 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
         # policy update ------------------------------------------------------------------------
         loss_sums = torch.zeros(len(_LOSS_KEYS), dtype=torch.float64)
         grad_norms = []
+        if bridge is not None and cfg.rollout.sleep:
+            engine.sleep()
         with timer("update"):
             for c in actor.chunks:
                 c.train()
@@ -400,8 +406,15 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
                     critic_sums += sums
                     critic_gnorms.append(gnorm)
 
-        # weight sync: none needed. The in-process engine generates with actor.modules, the very
-        # parameters the optimizer just updated (colocated, shared storage).
+        # weight sync: with rollout.engine "megatron" none is needed (the engine generates with
+        # actor.modules, the very parameters the optimizer just updated); a separate engine gets
+        # the new weights through the bridge, checksummed (and probed) every sync.
+        sync_info = {}
+        if bridge is not None:
+            with timer("sync"):
+                if cfg.rollout.sleep:
+                    engine.wake()
+                sync_info = sync_metrics(bridge.sync(engine))
 
         # metrics ------------------------------------------------------------------------------
         # loss metrics: only (last stage, tp rank 0) of each DP replica contributes, then SUM
@@ -435,6 +448,7 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
         gen_tokens = torch.tensor([float(L.sum())], dtype=torch.float64)
         dist.all_reduce(gen_tokens, group=groups.dp_group)
         metrics = {
+            **sync_info,
             "reward/mean": roll[0], "reward/std": roll[1], "reward/accuracy": roll[2],
             "response/length_mean": roll[3], "response/length_max": roll[4], "response/truncated_frac": roll[5],
             "actor/grad_norm": sum(grad_norms) / len(grad_norms),

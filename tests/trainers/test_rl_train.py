@@ -57,3 +57,23 @@ def test_unknown_recipe_key_is_an_error_naming_it(demo_dir):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "optim.lrr" in out.stderr and "did you mean 'lr'" in out.stderr
+
+
+def test_separate_hf_engine_is_synced_and_verified_every_step(demo_dir):
+    # PP=2 trainer -> one transformers engine per rank, through the WeightBridge after every update
+    out = _train(demo_dir, "hf_engine", "train.steps=3", "train.save_every=0", "rollout.engine=hf",
+                 "rollout.bridge.verify_every=1", "data.test_limit=8")
+    assert "weights synced to the hf engine" in out
+    rows = _metrics(demo_dir / "hf_engine" / "metrics.jsonl")
+    assert sorted(rows) == [1, 2, 3]
+    for row in rows.values():
+        assert row["sync/checksums_verified"] > 0 and row["time/sync"] > 0
+        assert row["sync/probe_max_abs_diff"] <= 1e-3
+    assert (demo_dir / "hf_engine" / "eval" / "step_000003" / "results.json").is_file()
+
+
+def test_engine_sleep_needs_a_separate_engine():
+    from megarl.trainers.config import RolloutConfig
+
+    with pytest.raises(ValueError, match="sleep needs a separate engine"):
+        RolloutConfig(sleep=True)
