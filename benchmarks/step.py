@@ -11,9 +11,10 @@ step, generated tokens/s of the rollout and of the whole step, and the peak resi
 all ranks together. For the demo it first prepares the demo model with a short SFT warm-up
 (timing does not depend on how well the model adds).
 
-There is no separate sync phase here: the in-process engine generates with the very parameters
-the optimizer updates (colocated, shared storage). The bridge's sync to a separate engine is
-timed by benchmarks/sync.py.
+With the default rollout.engine "megatron" there is no sync phase: the in-process engine
+generates with the very parameters the optimizer updates (colocated, shared storage); with
+rollout.engine=hf (or vllm) the split has the WeightBridge's sync. benchmarks/sync.py times the
+bridge on its own against a memcpy of the same bytes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from _harness import machine_line  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"demo": ROOT / "examples" / "demo_cpu.yaml", "smollm2": ROOT / "examples" / "smollm2_arith_cpu.yaml"}
 # Peer reference on the SmolLM2 workload (data/README.md): TRL GRPOTrainer on this machine kind.
+PHASE_ORDER = ("rollout", "reward", "logprob", "update", "critic", "sync")
 SMOLLM2_REFERENCE = {"step": 42.8, "rollout": 11.0, "logprob": 8.7, "update": 22.9, "peak_rss_gb": 7.2}
 
 
@@ -56,7 +58,8 @@ def run(recipe: Path, steps: int, overrides: list[str], workdir: Path) -> list[d
 def summarize(rows: list[dict]) -> dict:
     timed = rows[1:] if len(rows) > 1 else rows
     med = lambda k: statistics.median(r.get(k, 0.0) for r in timed)  # noqa: E731
-    phases = sorted({k[5:] for r in timed for k in r if k.startswith("time/") and k != "time/step"})
+    found = {k[5:] for r in timed for k in r if k.startswith("time/") and k != "time/step"}
+    phases = [p for p in PHASE_ORDER if p in found] + sorted(found - set(PHASE_ORDER))
     out = {
         "steps_timed": len(timed),
         "step_s": med("time/step"),
@@ -99,7 +102,8 @@ def main() -> None:
     for p, t in s["phases_s"].items():
         print(f"  {p:<10} {t:8.2f} {t / s['step_s']:7.1%}")
     print(f"  {'step':<10} {s['step_s']:8.2f} {1:7.1%}")
-    print("  sync       (none: the colocated engine shares the trained parameters; see benchmarks/sync.py)")
+    if "sync" not in s["phases_s"]:
+        print("  sync       (none: the colocated engine shares the trained parameters; see benchmarks/sync.py)")
     print(f"  generated tokens/s: rollout {s['rollout_tokens_per_s']:.1f}, whole step {s['step_tokens_per_s']:.1f} "
           f"(mean response {s['response_length_mean']:.1f} tokens)")
     print(f"  peak RSS, all ranks together: {s['peak_rss_gb']:.2f} GB")
