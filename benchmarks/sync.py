@@ -3,6 +3,7 @@
     python benchmarks/sync.py                          # SmolLM2-135M and a random Qwen2.5-1.5B
     python benchmarks/sync.py --models smollm2-135m    # one model
     python benchmarks/sync.py --quick                  # a tiny random model (smoke run)
+    python benchmarks/sync.py --threads 1              # one torch thread (steadier on a loaded box)
 
 Trainer: megatron-core GPTModel at TP1 PP1 in this process (float32 on CPU, bf16 on GPU).
 Engine: HFEngine (transformers) holding the same architecture, the colocated HF-layout case;
@@ -13,7 +14,8 @@ Rows:
   sync        WeightBridge.sync with per-tensor checksums on both sides, no probe;
   no checksum the same without checksums (what verification costs);
   probe       one log-prob probe (4 x 24 tokens) on top of a sync.
-Peak extra memory is measured around one sync (see _harness.peak_extra_bytes) and compared with
+Each ratio is given in wall time and in this process's CPU time (the work, where a loaded shared
+machine makes wall time mostly waiting for a core). Peak extra memory is measured around one sync (see _harness.peak_extra_bytes) and compared with
 the bucket size. The CPU target is sync within 3x of memcpy; the GPU target a 1.5B colocated
 sync under 1 s.
 """
@@ -116,19 +118,26 @@ def memcpy_fn(chunks, device):
     return run, sum(p.numel() * p.element_size() for p in params)
 
 
-def paired_ms(fn, baseline, device, repeats: int) -> tuple[float, float, float]:
-    """Median ms of fn, of baseline, and median of the per-pair ratios: the two are timed
-    alternately, so load from other processes on a shared machine hits both alike."""
+def paired_ms(fn, baseline, device, repeats: int) -> tuple[float, float, float, float]:
+    """Median ms of fn, of baseline, median of the per-pair wall-time ratios, and median of the
+    per-pair CPU-time ratios (this process, all threads): the two are timed alternately, so load
+    from other processes on a shared machine hits both alike. On an oversubscribed CPU the wall
+    ratio also counts time the threads waited for a core; the CPU ratio counts the work done
+    (plus any spinning of idle pool threads)."""
     import statistics
 
-    times, bases, ratios = [], [], []
+    times, bases, ratios, cpu_ratios = [], [], [], []
     for _ in range(repeats):
+        c0 = time.process_time()
         b = time_ms(baseline, device, warmup=0, repeats=1)
+        c1 = time.process_time()
         t = time_ms(fn, device, warmup=0, repeats=1)
+        c2 = time.process_time()
         times.append(t)
         bases.append(b)
         ratios.append(t / b)
-    return statistics.median(times), statistics.median(bases), statistics.median(ratios)
+        cpu_ratios.append((c2 - c1) / max(c1 - c0, 1e-9))
+    return statistics.median(times), statistics.median(bases), statistics.median(ratios), statistics.median(cpu_ratios)
 
 
 def bench_model(name: str, args, device, dtype) -> list[dict]:
@@ -166,12 +175,12 @@ def bench_model(name: str, args, device, dtype) -> list[dict]:
 
         def measure(label, bridge, target):
             report = bridge.sync(target)  # also the warm-up
-            ms, base_ms, ratio = paired_ms(lambda: bridge.sync(target), baseline, device, args.repeats)
+            ms, base_ms, ratio, cpu_ratio = paired_ms(lambda: bridge.sync(target), baseline, device, args.repeats)
             peak = peak_extra_bytes(lambda: bridge.sync(target), device)
             rows.append(dict(model=name, case=label, path=report.path, bytes=report.bytes or nbytes,
-                             memcpy_ms=base_ms, ms=ms, ratio=ratio, peak=peak, bucket=bridge.config.bucket_bytes,
+                             memcpy_ms=base_ms, ms=ms, ratio=ratio, cpu_ratio=cpu_ratio, peak=peak, bucket=bridge.config.bucket_bytes,
                              buckets=report.num_buckets, probe_diff=report.probe_max_abs_diff))
-            print(f"#   {label}: {ms:.0f} ms, memcpy {base_ms:.0f} ms, ratio {ratio:.2f}x, peak extra "
+            print(f"#   {label}: {ms:.0f} ms, memcpy {base_ms:.0f} ms, ratio {ratio:.2f}x (CPU time {cpu_ratio:.2f}x), peak extra "
                   f"{fmt_bytes(peak)}", flush=True)
 
         cfg = dict(bucket_mb=args.bucket_mb, dtype=sdtype, verify_every=0)
@@ -205,9 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="the tiny model only, 1 repeat")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's); 1 takes thread wake-ups out of a loaded machine")
     args = parser.parse_args(argv)
     ensure_malloc_env()
     import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
     from megarl.parallel.groups import single_process_world
 
@@ -219,18 +235,20 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--models: unknown {sorted(set(models) - known)} (known: {sorted(known)})")
     if args.quick:
         args.repeats = 1
-    print(machine_line(device), f"; dtype {dtype}; bucket {args.bucket_mb:g} MiB")
+    print(machine_line(device), f"; dtype {dtype}; bucket {args.bucket_mb:g} MiB; torch threads {torch.get_num_threads()}; "
+          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     rows = []
     with single_process_world():
         for name in models:
             rows += bench_model(name, args, device, dtype)
-    print("ratio: median over alternating (memcpy, sync) pairs of sync / memcpy")
-    print("| model | case | bytes | memcpy ms | sync ms | ratio | peak extra | bucket | buckets | target |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("ratio: median over alternating (memcpy, sync) pairs of sync / memcpy, in wall time and in this "
+          "process's CPU time")
+    print("| model | case | bytes | memcpy ms | sync ms | ratio | CPU-time ratio | peak extra | bucket | buckets | target |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         target = "<= 3x memcpy" if device.type == "cpu" else ("< 1000 ms" if "1.5b" in r["model"] else "")
         print(f"| {r['model']} | {r['case']} | {fmt_bytes(r['bytes'])} | {r['memcpy_ms']:.0f} | {r['ms']:.0f} | "
-              f"{r['ratio']:.2f}x | {fmt_bytes(r['peak'])} | {fmt_bytes(r['bucket'])} | "
+              f"{r['ratio']:.2f}x | {r['cpu_ratio']:.2f}x | {fmt_bytes(r['peak'])} | {fmt_bytes(r['bucket'])} | "
               f"{r['buckets']} | {target} |")
     return 0
 
