@@ -4,7 +4,7 @@ from __future__ import annotations
 
 HELP = "show versions, whether the C++/CUDA extension is built, and which kernels it has"
 
-OPS = ("gae", "group_advantages", "logprob_entropy_fwd", "logprob_entropy_bwd")
+OPS = ("gae", "group_advantages", "logprob_entropy_fwd", "logprob_entropy_bwd", "checksum")
 
 
 def add_arguments(parser) -> None:
