@@ -73,7 +73,9 @@ def run_microbatches(chunks: list, microbatches: list[dict], loss_fn: LossFn, *,
     microbatches: dicts with "input_ids" [b, S] and "position_ids" [b, S] (equal shapes for all,
     which pipeline communication requires) plus whatever loss_fn reads.
     loss_fn(mb, output [b, S, V_local or 1]) -> (scalar loss normalised by global counts,
-    dict of tensors) runs on the last pipeline stage only.
+    dict of tensors) runs on the last pipeline stage only. A micro-batch with "logits_from" k
+    gets LM logits for positions k.. only ([b, S - k, V_local]; never under sequence
+    parallelism, where the output layer's input is split along the sequence).
     Returns the dicts loss_fn produced, in micro-batch order, on the last stage ([] elsewhere).
     With forward_only=False gradients accumulate into the DDP grad buffers (the caller steps
     the optimizer).
@@ -87,7 +89,14 @@ def run_microbatches(chunks: list, microbatches: list[dict], loss_fn: LossFn, *,
 
     def step(data_iterator, model):
         mb = next(data_iterator)
-        output = model(mb["input_ids"], mb["position_ids"], None)
+        layer = _lm_output_layer(model) if mb.get("logits_from") else None
+        if layer is not None:
+            layer._megarl_logits_from = int(mb["logits_from"])
+        try:
+            output = model(mb["input_ids"], mb["position_ids"], None)
+        finally:
+            if layer is not None:
+                layer._megarl_logits_from = 0
 
         def finish(out):
             loss, extra = loss_fn(mb, out)
@@ -108,6 +117,30 @@ def run_microbatches(chunks: list, microbatches: list[dict], loss_fn: LossFn, *,
             forward_only=forward_only,
         )
     return list(out) if out else []
+
+
+def _slice_hidden(module, args, kwargs):
+    """Forward pre-hook of the LM output layer: hidden [s, b, h] -> hidden[logits_from:]."""
+    start = getattr(module, "_megarl_logits_from", 0)
+    if start:
+        args = (args[0][start:], *args[1:])
+    return args, kwargs
+
+
+def _lm_output_layer(model):
+    """The LM output layer of a (DDP-wrapped) GPTModel chunk on the last stage, with the hook
+    that lets a micro-batch's "logits_from" skip the logits of its leading positions
+    (prompt tokens nobody reads); None for other chunks and heads."""
+    m = model
+    while not hasattr(m, "output_layer") and hasattr(m, "module"):
+        m = m.module
+    if getattr(m, "megarl_head", None) != "lm" or not getattr(m, "post_process", False):
+        return None
+    layer = m.output_layer
+    if not getattr(layer, "_megarl_slice_hook", False):
+        layer.register_forward_pre_hook(_slice_hidden, with_kwargs=True)
+        layer._megarl_slice_hook = True
+    return layer
 
 
 def optimizer_step(model: TrainableModel) -> tuple[bool, float]:

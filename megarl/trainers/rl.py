@@ -75,17 +75,22 @@ def build_batch(prompt_ids: list[list[int]], completions, pad_id: int, n: int) -
 
 
 def microbatches(batch: RolloutBatch, rows: torch.Tensor, size: int, *, trim_to: int = 0,
-                 **per_token: torch.Tensor | None) -> list[dict]:
+                 skip_prompt_logits: bool = False, **per_token: torch.Tensor | None) -> list[dict]:
     """Micro-batch dicts over `rows` of the batch, with extra per-row tensors sliced alongside.
 
     trim_to > 0 (no pipeline parallelism, where every micro-batch must have one shape): rows are
     grouped by length and each micro-batch is cut to its longest row, rounded up to a multiple
     of trim_to, so padding costs no compute. Sums over micro-batches are unchanged.
+    skip_prompt_logits: "logits_from" = the micro-batch's first position whose logits predict
+    a response token; the LM head and the log-prob op then skip the positions before it
+    (megatron_train.run_microbatches; not under sequence parallelism).
     """
     out = []
     S = batch.input_ids.shape[1]
     pos = torch.arange(S).unsqueeze(0)
     ends = S - batch.response_mask.flip(1).argmax(1)  # [B] input tokens a row needs
+    has_response = batch.response_mask.sum(1) > 0
+    firsts = torch.where(has_response, batch.response_mask.argmax(1), torch.zeros_like(ends))  # [B]
     if trim_to:
         rows = rows[torch.argsort(ends[rows], stable=True)]
     for i in range(0, len(rows), size):
@@ -103,6 +108,8 @@ def microbatches(batch: RolloutBatch, rows: torch.Tensor, size: int, *, trim_to:
         for k, v in per_token.items():
             if v is not None:
                 mb[k] = v[r, :s]
+        if skip_prompt_logits and int(firsts[r].min()) > 0:
+            mb["logits_from"] = int(firsts[r].min())
         out.append(mb)
     return out
 
@@ -131,8 +138,13 @@ def _tokens_logprobs(logits: torch.Tensor, mb: dict, temperature: float, tp_grou
 
     b, s, v = logits.shape
     tp = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
-    logp, ent = logprob_entropy(logits.reshape(b * s, v), mb["targets"].reshape(-1), temperature, tp)
-    return logp.view(b, s), ent.view(b, s)
+    start = mb["targets"].shape[1] - s  # logits from position `start` on (mb["logits_from"])
+    targets = mb["targets"][:, start:]
+    logp, ent = logprob_entropy(logits.reshape(b * s, v), targets.reshape(-1), temperature, tp)
+    logp, ent = logp.view(b, s), ent.view(b, s)
+    if start:  # positions before the first response token: never masked in, zeros
+        logp, ent = torch.nn.functional.pad(logp, (start, 0)), torch.nn.functional.pad(ent, (start, 0))
+    return logp, ent
 
 
 def forward_logprobs(chunks, mbs: list[dict], temperature: float, groups, shape: tuple[int, int]) -> torch.Tensor | None:
@@ -324,11 +336,13 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
         mbs = cfg.train.micro_batch_size
         shape = tuple(batch.input_ids.shape)
         trim = layout.tp if layout.pp == 1 else 0
+        skip = not layout.sequence_parallel
         on_policy = cfg.train.epochs == 1 and cfg.train.mini_batches == 1 and cfg.actor.kl.placement != "reward"
         with timer("logprob"):
             old_logp = None if on_policy else forward_logprobs(
-                actor.chunks, microbatches(batch, rows, mbs, trim_to=trim), cfg.rollout.temperature, groups, shape)
-            ref_logp = (forward_logprobs(ref_chunks, microbatches(batch, rows, mbs, trim_to=trim),
+                actor.chunks, microbatches(batch, rows, mbs, trim_to=trim, skip_prompt_logits=skip),
+                cfg.rollout.temperature, groups, shape)
+            ref_logp = (forward_logprobs(ref_chunks, microbatches(batch, rows, mbs, trim_to=trim, skip_prompt_logits=skip),
                                          cfg.rollout.temperature, groups, shape)
                         if need_ref else None)
 
@@ -371,7 +385,8 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
             schedule = minibatch_schedule(B, cfg.train.epochs, cfg.train.mini_batches,
                                           torch.Generator().manual_seed(cfg.train.seed * 7919 + step))
             for mini_rows in schedule:
-                mb_list = microbatches(batch, mini_rows, mbs, trim_to=trim, old_logp=old_logp, ref_logp=ref_logp,
+                mb_list = microbatches(batch, mini_rows, mbs, trim_to=trim, skip_prompt_logits=skip,
+                                       old_logp=old_logp, ref_logp=ref_logp,
                                        adv=advantages)
                 n_tok, n_seq = count_tokens_and_seqs([mb["mask"] for mb in mb_list], groups.dp_group)
 

@@ -95,3 +95,15 @@ def test_render_prompt_uses_the_eval_templates():
         render_prompt(tok, "What is 1+1?", "one-shot-rlvr")
     with pytest.raises(ValueError, match="needs text prompts"):
         render_prompt(tok, [{"role": "user", "content": "hi"}], "qwen25-math-cot")
+
+
+def test_lm_logits_from_the_first_response_position_give_the_same_update(demo_dir):
+    # megatron in a child process (its CPU compatibility layer must not leak into this one)
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "logits_from_script.py")
+    out = subprocess.run([sys.executable, script, str(demo_dir / "init")], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0 and "OK logits_from" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
