@@ -1,6 +1,7 @@
-"""WeightBridge under TP/PP/virtual PP on 4 CPU ranks (gloo), in ONE launch:
+"""WeightBridge under TP/PP/virtual PP on 4 CPU ranks (gloo), in ONE launch (the tests run it
+through launch_script.py, together with megatron_engine_script.py; standalone:
 
-    torchrun --standalone --nproc_per_node=4 tests/rollout/bridge_script.py OUT_DIR
+    torchrun --standalone --nproc_per_node=4 tests/rollout/bridge_script.py OUT_DIR)
 
 For each layout (tp, pp) in {1,2}x{1,2} and (tp1, pp2, vpp2), and two tiny random models
 (Qwen2 with untied embeddings and QKV biases; Llama with tied embeddings), every rank owns an
@@ -336,10 +337,9 @@ def run_single_check(model_dir, layout, groups, rank: int) -> dict:
     return {name: result, name + "_seconds": round(time.perf_counter() - t0, 2)}
 
 
-def main() -> int:
-    out_dir = Path(sys.argv[1])
-    torch.set_num_threads(1)
-    rank, world = init_distributed()
+def run(out_dir, rank: int, world: int) -> None:
+    """Every check, on an initialised 4-rank world; rank 0 writes OUT_DIR/results.json."""
+    out_dir = Path(out_dir)
     assert world == 4, "run with --nproc_per_node=4"
     t_start = time.perf_counter()
     dirs = {"qwen2": out_dir / "qwen2", "llama": out_dir / "llama"}
@@ -373,6 +373,12 @@ def main() -> int:
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, out_dir / "results.json")
     dist.barrier()
+
+
+def main() -> int:
+    torch.set_num_threads(1)
+    rank, world = init_distributed()
+    run(sys.argv[1], rank, world)
     dist.destroy_process_group()
     return 0
 

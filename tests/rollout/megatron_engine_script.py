@@ -1,6 +1,7 @@
-"""MegatronEngine under TP / PP / virtual PP / sequence parallelism, in ONE launch:
+"""MegatronEngine under TP / PP / virtual PP / sequence parallelism, in ONE launch (the tests run
+it through launch_script.py, together with bridge_script.py; standalone:
 
-    torchrun --standalone --nproc_per_node=4 tests/rollout/megatron_engine_script.py OUT.json
+    torchrun --standalone --nproc_per_node=4 tests/rollout/megatron_engine_script.py OUT.json)
 
 For each layout (megatron's parallel state re-initialised in between) every rank loads the same
 random tiny model (HF-named tensors through megarl.models.mappings) and checks, against the
@@ -487,25 +488,35 @@ def save_hf_model(path, spec, state) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t2").save_pretrained(path)
 
 
-def check_cross_engine(ctx, work_dir) -> dict:
-    """HFEngine (transformers) and MegatronEngine on the same weights: greedy token ids, text
-    under both stop-string settings, and log-probs in both modes against one float64 reference
-    (the transformers model's full forward), plus directly against each other where their
-    samples share a prefix."""
+def hf_model_dir(work_dir):
     from pathlib import Path
 
-    from megarl.rollout.engine import SamplingParams
+    return Path(work_dir) / "hf-tiny-qwen2"
+
+
+def check_cross_engine(ctx, work_dir, settings=None, greedy_and_stops: bool = True) -> dict:
+    """HFEngine (transformers) and MegatronEngine on the same weights (saved by `run`): greedy
+    token ids, text under both stop-string settings, and log-probs in both modes for
+    CROSS_SETTINGS (or `settings`) against one float64 reference (the transformers model's full
+    forward), plus directly against each other where their samples share a prefix."""
     from megarl.rollout.hf_engine import HFEngine
     from megarl.rollout.megatron_engine import MegatronEngine
 
-    path = Path(work_dir) / "hf-tiny-qwen2"
-    save_hf_model(path, ctx["spec"], ctx["state"])
-    hf = HFEngine(path, max_batch_size=8)
+    hf = HFEngine(hf_model_dir(work_dir), max_batch_size=8)
     meg = MegatronEngine(ctx["chunks"], ctx["spec"], ctx["layout"], ctx["groups"], hf.tokenizer,
                          eos_token_ids=hf.eos_token_ids, max_seq_len=64)
     engines = {"hf": hf, "megatron": meg}
     prompts = test_prompts()
     out = {}
+
+    if greedy_and_stops:
+        _cross_greedy_and_stops(engines, prompts, out)
+    out["logprobs"] = _cross_logprobs(hf, engines, prompts, settings or list(CROSS_SETTINGS))
+    return out
+
+
+def _cross_greedy_and_stops(engines, prompts, out) -> None:
+    from megarl.rollout.engine import SamplingParams
 
     # greedy, also with (ignored) filters set
     for name, sp in {"greedy": SamplingParams(temperature=0.0, max_new_tokens=10),
@@ -521,7 +532,11 @@ def check_cross_engine(ctx, work_dir) -> dict:
         sp = SamplingParams(temperature=0.0, max_new_tokens=10, stop=("zzzz", stop), include_stop_str_in_output=include)
         out[f"stop_include={include}"] = {e: _done(engine.generate(prompts, sp)) for e, engine in engines.items()}
 
-    # log-probs: every engine x mode x filter setting
+
+def _cross_logprobs(hf, engines, prompts, settings) -> dict:
+    """log-probs: every engine x mode x filter setting."""
+    from megarl.rollout.engine import SamplingParams
+
     def reference(done, temperature, top_k, top_p, mode):
         seqs = [prompts[c["prompt_index"]] + c["token_ids"] for c in done]
         ref = []
@@ -534,7 +549,8 @@ def check_cross_engine(ctx, work_dir) -> dict:
         return ref
 
     lp = {}
-    for name, (t, k, p) in CROSS_SETTINGS.items():
+    for name in settings:
+        t, k, p = CROSS_SETTINGS[name]
         runs = {}
         for mode in ("unfiltered", "processed"):
             sp = SamplingParams(n=2, temperature=t, top_k=k, top_p=p, max_new_tokens=8, seed=21, logprobs_mode=mode)
@@ -559,15 +575,24 @@ def check_cross_engine(ctx, work_dir) -> dict:
             lp[f"{name}/modes"][f"{e}_same_tokens"] = [c["token_ids"] for c in a] == [c["token_ids"] for c in b]
             lp[f"{name}/modes"][f"{e}_gap"] = max(abs(x - y) for c, d in zip(a, b)
                                                    for x, y in zip(c["logprobs"], d["logprobs"]))
-    out["logprobs"] = lp
-    return out
+    return lp
+
+
+def check_cross_engine_first(ctx, work_dir) -> dict:
+    """Greedy, stop strings and the first half of the log-prob settings."""
+    return check_cross_engine(ctx, work_dir, list(CROSS_SETTINGS)[:2])
+
+
+def check_cross_engine_logprobs(ctx, work_dir) -> dict:
+    """The second half of the cross-engine log-prob settings (on another rank, for balance)."""
+    return check_cross_engine(ctx, work_dir, list(CROSS_SETTINGS)[2:], greedy_and_stops=False)
 
 
 SINGLE_CHECKS = {  # rank of the tp1pp1 layout -> its share of the single-process checks
-    0: ("cross_engine",),  # transformers' save_pretrained writes on global rank 0 only
-    1: ("greedy", "logprobs"),
+    0: ("cross_engine_first",),
+    1: ("greedy", "logprobs", "in_place"),
     2: ("seeded", "filters_greedy", "finish", "bad_input"),
-    3: ("in_place", "update_weights", "sleep_wake"),
+    3: ("cross_engine_logprobs", "update_weights", "sleep_wake"),
 }
 
 
@@ -579,7 +604,7 @@ def run_single_checks(ctx, rank: int, work_dir) -> dict:
         fn = globals()["check_" + name]
         t0 = time.time()
         try:
-            out[name] = fn(ctx, work_dir) if name == "cross_engine" else fn(ctx)
+            out[name] = fn(ctx, work_dir) if name.startswith("cross_engine") else fn(ctx)
         except Exception:  # noqa: BLE001 - reported to the test that owns the check
             out[name] = {"crashed": traceback.format_exc()}
         out[name + "_seconds"] = round(time.time() - t0, 2)
@@ -595,18 +620,21 @@ def layout_name(layout) -> str:
     return name
 
 
-def main() -> int:
-    from megarl.parallel.groups import ParallelLayout, destroy_parallel, init_distributed, init_parallel
+def run(out_path: str, rank: int, world: int) -> None:
+    """Every check, on an initialised 4-rank world; rank 0 writes out_path (JSON)."""
+    from megarl.parallel.groups import ParallelLayout, destroy_parallel, init_parallel
     from megarl.rollout.engine import SamplingParams
     from megarl.rollout.megatron_engine import MegatronEngine
 
-    out_path = sys.argv[1]
-    torch.set_num_threads(1)
-    rank, world = init_distributed()
+    out_path = str(out_path)
     assert world == 4, "run with --nproc_per_node=4"
     t_start = time.time()
     spec = tiny_spec()
     state = random_hf_state(spec, seed=11)
+    work_dir = os.path.dirname(os.path.abspath(out_path))
+    if rank == 0:  # transformers' save_pretrained writes on global rank 0 only
+        save_hf_model(hf_model_dir(work_dir), spec, state)
+    dist.barrier()
     prompts = test_prompts()
     max_new = 10
     layouts = [
@@ -662,7 +690,7 @@ def main() -> int:
         rec["training_restored"] = all(c.training for c in chunks)
         if layout_name(layout) == "tp1pp1":
             ctx = dict(layout=layout, groups=groups, spec=spec, state=state, chunks=chunks)
-            single.update(run_single_checks(ctx, rank, os.path.dirname(os.path.abspath(out_path))))
+            single.update(run_single_checks(ctx, rank, work_dir))
         rec["seconds"] = round(time.time() - t0, 2)
         records.append(rec)
         del engine, chunks
@@ -678,6 +706,14 @@ def main() -> int:
             json.dump(result, f)
         os.replace(tmp, out_path)
     dist.barrier()
+
+
+def main() -> int:
+    from megarl.parallel.groups import init_distributed
+
+    torch.set_num_threads(1)
+    rank, world = init_distributed()
+    run(sys.argv[1], rank, world)
     dist.destroy_process_group()
     return 0
 

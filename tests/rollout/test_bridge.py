@@ -1,5 +1,5 @@
 """WeightBridge: checksums and config errors (in this process), and ONE 4-rank torchrun launch
-(tests/rollout/bridge_script.py) covering TP/PP in {1,2}x{1,2} and virtual PP 2, whose tp1pp1
+(tests/rollout/bridge_script.py, run by launch_script.py with megatron_engine_script.py) covering TP/PP in {1,2}x{1,2} and virtual PP 2, whose tp1pp1
 layout also runs the one-process syncs into HFEngine / MegatronEngine (one per rank), so no
 test calls init_parallel in the pytest process.
 
@@ -11,12 +11,7 @@ corrupt weights give differences of 1e-2 .. 1, a flipped bit in a checksum-ed te
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,12 +19,9 @@ import torch
 from megarl.rollout.bridge import (
     BridgeConfig,
     ProbeBatch,
-    WeightBridge,
-    WeightSyncError,
     tensor_checksum,
 )
 
-HERE = Path(__file__).parent
 ATOL = 1e-4
 LAYOUTS = ["tp1pp1", "tp2pp1", "tp1pp2", "tp2pp2", "tp1pp2vpp2"]
 
@@ -146,21 +138,9 @@ def test_megatron_engine_shared_fast_and_tracked(distributed):
 
 
 @pytest.fixture(scope="module")
-def distributed(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bridge-dist")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-           str(HERE / "bridge_script.py"), str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env=env)
-    try:
-        log, _ = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail("bridge_script.py timed out:\n" + log[-5000:])
-    assert proc.returncode == 0, log[-8000:]
-    return json.loads((out / "results.json").read_text())
+def distributed(rollout_launch):
+    """The records of bridge_script.py, run in the shared launch (conftest.py)."""
+    return json.loads((rollout_launch / "bridge" / "results.json").read_text())
 
 
 def _records(result, model=None):

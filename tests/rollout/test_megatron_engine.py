@@ -3,7 +3,8 @@ functions it uses, the log-prob / stop-string convention shared with HFEngine, a
 SamplingParams.
 
 Only pure functions run in this process. Everything that needs megatron's parallel state runs
-in ONE 4-rank launch of megatron_engine_script.py (fixture `distributed`): the single-process
+in ONE 4-rank launch of megatron_engine_script.py (fixture `distributed`; the launch,
+launch_script.py, also runs bridge_script.py for test_bridge.py): the single-process
 checks in its tp1pp1 layout, HFEngine vs MegatronEngine on one model, and TP / PP / virtual PP /
 sequence parallelism. The model is a random tiny Qwen2 (hidden 64, 4 layers, GQA 4/2 heads,
 vocab 1000 padded to 1024, tied embeddings), float32.
@@ -114,17 +115,14 @@ def test_cut_at_stop():
     assert cut_at_stop("abc", "<|im_end|>", include=False) == "abc"  # a special-token stop is not in the text
 
 
-def test_importing_megarl_rollout_does_not_import_megatron():
-    code = ("import sys, megarl.rollout as r\n"
-            "assert 'megatron' not in sys.modules, 'megarl.rollout imported megatron'\n"
-            "from megarl.rollout import MegatronEngine, MegatronEngineConfig, HFEngine, VLLMEngine\n"
-            "from megarl.rollout.megatron_engine import MegatronEngine as E\n"
-            "assert MegatronEngine is E and r.MegatronEngineConfig().max_batch == 64\n"
-            "assert 'megatron' not in sys.modules and 'transformers' not in sys.modules and 'vllm' not in sys.modules\n"
-            "try:\n    r.NoSuchEngine\nexcept AttributeError as e:\n    assert 'NoSuchEngine' in str(e)\n"
-            "else:\n    raise SystemExit('no AttributeError')\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_importing_megarl_rollout_does_not_import_megatron(rollout_launch):
+    """Checked at the start of launch_script.py, a process that has imported nothing else yet."""
+    r = json.loads((rollout_launch / "lazy_import.json").read_text())
+    assert not r["megatron_after_import"], "import megarl.rollout imported megatron"
+    assert r["same_object"] and r["config_default_max_batch"] == 64
+    # the lazy exports import their modules, which import megatron / transformers / vLLM only when used
+    assert r["heavy_after_engines"] == [], r
+    assert r["unknown_name_error"] and "NoSuchEngine" in r["unknown_name_error"]
 
 
 def test_sample_greedy_ties_masked_vocab_and_edge_uniforms():
@@ -160,15 +158,9 @@ def test_prefill_groups_minimise_padding_within_budget():
 
 
 @pytest.fixture(scope="module")
-def distributed(tmp_path_factory):
-    out = tmp_path_factory.mktemp("megatron_engine") / "out.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-           str(ROOT / "tests" / "rollout" / "megatron_engine_script.py"), str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return json.loads(out.read_text())
+def distributed(rollout_launch):
+    """The records of megatron_engine_script.py, run in the shared launch (conftest.py)."""
+    return json.loads((rollout_launch / "megatron_engine.json").read_text())
 
 
 def single(distributed, name: str) -> dict:
@@ -307,7 +299,7 @@ CROSS_ATOL = LOGPROB_ATOL
 
 
 def test_hf_and_megatron_greedy_token_ids_equal(distributed):
-    r = single(distributed, "cross_engine")
+    r = single(distributed, "cross_engine_first")
     for name in ("greedy", "greedy-filters-set"):
         hf, meg = r[name]["hf"], r[name]["megatron"]
         assert [c["token_ids"] for c in hf] == [c["token_ids"] for c in meg], name
@@ -321,7 +313,7 @@ def test_hf_and_megatron_greedy_token_ids_equal(distributed):
 
 @pytest.mark.parametrize("include", [False, True])
 def test_hf_and_megatron_stop_strings_same_text(distributed, include):
-    r = single(distributed, "cross_engine")
+    r = single(distributed, "cross_engine_first")
     stop = r["stop"]
     hf, meg = r[f"stop_include={include}"]["hf"], r[f"stop_include={include}"]["megatron"]
     for c_hf, c_meg, free in zip(hf, meg, r["greedy"]["hf"]):
@@ -341,7 +333,8 @@ def test_hf_and_megatron_stop_strings_same_text(distributed, include):
 
 @pytest.mark.parametrize("setting", list(h.CROSS_SETTINGS))
 def test_hf_and_megatron_logprobs_agree_in_both_modes(distributed, setting):
-    lp = single(distributed, "cross_engine")["logprobs"]
+    lp = {**single(distributed, "cross_engine_first")["logprobs"],  # the settings are shared out over two ranks
+          **single(distributed, "cross_engine_logprobs")["logprobs"]}
     for mode in ("unfiltered", "processed"):
         r = lp[f"{setting}/{mode}"]
         assert r["hf_vs_reference"] < CROSS_ATOL, (mode, r)
