@@ -217,7 +217,12 @@ class TrainConfig:
     reward-model scores) to run_dir/rollouts/step_NNNNNN_dpR.pt, for inspection.
     acc_log: record each training example's accuracy every time it is trained on and write
     run_dir/acc_log.json ({index: [accuracy, ...]}) at the end: the input of
-    `megarl select-examples` (1-shot RLVR's historical variance score)."""
+    `megarl select-examples` (1-shot RLVR's historical variance score).
+    skip_zero_advantage: leave rows whose advantages are all zero (e.g. GRPO groups whose
+    rollouts all got the same reward) out of the actor's forward/backward when they cannot
+    change the gradient: no entropy term, no KL, a group estimator. The loss keeps the whole
+    mini-batch's normalisation, so the gradient is the same; the token-mean metrics (entropy,
+    clip_frac, approx_kl, ratio_mean) are then means over the updated rows (actor/updated_frac)."""
 
     steps: int = 10
     epochs: int = 1
@@ -231,6 +236,7 @@ class TrainConfig:
     resume: bool = True
     save_rollouts: bool = False
     acc_log: bool = False
+    skip_zero_advantage: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "epochs", "mini_batches", "micro_batch_size", "keep_last"):

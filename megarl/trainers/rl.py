@@ -35,6 +35,7 @@ from megarl.trainers.config import RLConfig
 # Metrics produced on the last pipeline stage by the actor loss; summed over micro-batches and
 # DP ranks (each is normalised by global counts), in this fixed order so ranks can all-reduce.
 _LOSS_KEYS = ("pg_loss", "clip_frac", "approx_kl", "ratio_mean", "entropy", "kl_loss")
+_TOKEN_MEAN_KEYS = ("clip_frac", "approx_kl", "ratio_mean", "entropy")
 
 
 @dataclass
@@ -377,6 +378,9 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
         # policy update ------------------------------------------------------------------------
         loss_sums = torch.zeros(len(_LOSS_KEYS), dtype=torch.float64)
         grad_norms = []
+        updated_rows = 0
+        skip_zero = (cfg.train.skip_zero_advantage and cfg.actor.entropy_coef == 0.0
+                     and cfg.actor.kl.placement == "none" and not cfg.uses_critic)
         if bridge is not None and cfg.rollout.sleep:
             engine.sleep()
         with timer("update"):
@@ -385,10 +389,21 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
             schedule = minibatch_schedule(B, cfg.train.epochs, cfg.train.mini_batches,
                                           torch.Generator().manual_seed(cfg.train.seed * 7919 + step))
             for mini_rows in schedule:
+                # the loss is normalised by the counts of the whole mini-batch ...
+                n_tok, n_seq = count_tokens_and_seqs([batch.response_mask[mini_rows]], groups.dp_group)
+                if skip_zero:
+                    # ... but rows whose advantages are all zero add exactly nothing to the
+                    # gradient (no entropy or KL term): leave them out of forward and backward
+                    # (every rank keeps one row so the schedule's collectives still meet)
+                    live = (advantages[mini_rows] * batch.response_mask[mini_rows]).abs().sum(1) > 0
+                    mini_rows = mini_rows[live] if bool(live.any()) else mini_rows[:1]
                 mb_list = microbatches(batch, mini_rows, mbs, trim_to=trim, skip_prompt_logits=skip,
                                        old_logp=old_logp, ref_logp=ref_logp,
                                        adv=advantages)
-                n_tok, n_seq = count_tokens_and_seqs([mb["mask"] for mb in mb_list], groups.dp_group)
+                kept_tok, kept_seq = count_tokens_and_seqs([mb["mask"] for mb in mb_list], groups.dp_group)
+                updated_rows += kept_seq
+                # token means of the metrics (entropy, clip_frac, ...) over the rows computed
+                metric_scale = n_tok / max(kept_tok, 1)
 
                 def loss_fn(mb, logits, n_tok=n_tok, n_seq=n_seq):
                     logp, ent = _tokens_logprobs(logits.float(), mb, cfg.rollout.temperature, groups.tp_group)
@@ -406,7 +421,7 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
                 for o_ in outs:
                     for j, k in enumerate(_LOSS_KEYS):
                         if k in o_:
-                            loss_sums[j] += float(o_[k])
+                            loss_sums[j] += float(o_[k]) * (metric_scale if k in _TOKEN_MEAN_KEYS else 1.0)
             num_updates = len(schedule)
 
         # critic update: the same mini-batches, its own optimizer and grad clip -----------------
@@ -467,6 +482,7 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
             "reward/mean": roll[0], "reward/std": roll[1], "reward/accuracy": roll[2],
             "response/length_mean": roll[3], "response/length_max": roll[4], "response/truncated_frac": roll[5],
             "actor/grad_norm": sum(grad_norms) / len(grad_norms),
+            "actor/updated_frac": updated_rows / max(num_updates * cfg.data.prompts_per_step * n / cfg.train.mini_batches, 1),
             **{f"actor/{k}": float(v) for k, v in zip(_LOSS_KEYS, loss_t.tolist())
                if k != "kl_loss" or cfg.actor.kl.placement == "loss"},
             **{f"reward/{k}": v for k, v in reward_metrics.items()},

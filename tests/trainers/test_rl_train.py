@@ -50,6 +50,14 @@ def test_train_then_resume_reproduces_uninterrupted_run(demo_dir):
         for key in DETERMINISTIC:
             assert split[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-6), (step, key)
 
+    # rows with all-zero advantages left out of forward/backward: the same update
+    assert min(row["actor/updated_frac"] for row in full.values()) < 1.0
+    _train(demo_dir, "no_skip", "train.steps=1", "train.save_every=0", "train.skip_zero_advantage=false")
+    no_skip = _metrics(demo_dir / "no_skip" / "metrics.jsonl")
+    assert no_skip[1]["actor/updated_frac"] == 1.0
+    for key in ("actor/grad_norm", "actor/pg_loss"):
+        assert no_skip[1][key] == pytest.approx(full[1][key], rel=1e-4, abs=1e-7), key
+
 
 def test_unknown_recipe_key_is_an_error_naming_it(demo_dir):
     recipe = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "demo_cpu.yaml")
