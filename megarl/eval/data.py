@@ -229,20 +229,33 @@ def load_benchmark(name: str, *, limit: int | None = None, root: str | os.PathLi
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     if is_file_benchmark(canonical):
-        spec = BenchmarkSpec(canonical, _jsonl_file, "a JSONL file")
-        base = Path(root) if root is not None else Path.cwd()
-        path = base / canonical
+        path = (Path(root) if root is not None else Path.cwd()) / canonical
         if not path.is_file():
             raise FileNotFoundError(f"benchmark file {path} not found")
+        records = load_jsonl_file(path, limit=limit, source=canonical)
     else:
         spec = BENCHMARKS[canonical]
         base = Path(root) if root is not None else data_dir()
         path = base / spec.file
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"benchmark {canonical!r}: {path} not found (data directory {base}; set MEGARL_DATA "
-            f"to the folder that holds {spec.file})"
-        )
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"benchmark {canonical!r}: {path} not found (data directory {base}; set MEGARL_DATA "
+                f"to the folder that holds {spec.file})"
+            )
+        records = _read(path, spec.parse, canonical, limit)
+    ids = [r.id for r in records]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: duplicate ids")
+    return records
+
+
+def load_jsonl_file(path: str | os.PathLike, *, limit: int | None = None, source: str | None = None) -> list[Record]:
+    """Records of a JSONL file of your own (any name; see `_jsonl_file` for the fields), in file
+    order; the RL trainer reads its training data through this too."""
+    return _read(Path(path), _jsonl_file, source or str(path), limit)
+
+
+def _read(path: Path, parse: Callable[[_Row, int, str], Record], source: str, limit: int | None) -> list[Record]:
     records: list[Record] = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -254,10 +267,7 @@ def load_benchmark(name: str, *, limit: int | None = None, root: str | os.PathLi
                 raise ValueError(f"{path}:{line_no}: not valid JSON: {e}") from e
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            records.append(spec.parse(_Row(row, path, line_no), len(records), canonical))
+            records.append(parse(_Row(row, path, line_no), len(records), source))
             if limit is not None and len(records) >= limit:
                 break
-    ids = [r.id for r in records]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{path}: duplicate ids")
     return records

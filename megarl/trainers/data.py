@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass
@@ -20,31 +19,21 @@ class PromptRecord:
 
 
 def load_prompt_records(source: str) -> list[PromptRecord]:
-    """Records from a JSONL file (fields `prompt` or `problem`, and `answer`) or a benchmark name
-    known to megarl.eval.data."""
+    """Records from a JSONL file (fields `prompt` (chat messages or text), `problem` or
+    `question`, and `answer`: megarl.eval.data.load_jsonl_file) or a benchmark name known to
+    megarl.eval.data. `index` is the record's position in the file."""
+    from megarl.eval.data import load_benchmark, load_jsonl_file
+
     path = Path(source)
     if path.suffix == ".jsonl" or path.is_file():
         if not path.is_file():
             raise ValueError(f"data file {source} does not exist")
-        records = []
-        with open(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{source}:{lineno}: not valid JSON ({exc.msg})") from None
-                prompt = row.get("prompt", row.get("problem"))
-                if prompt is None or "answer" not in row:
-                    raise ValueError(f"{source}:{lineno}: needs `prompt` (or `problem`) and `answer` fields")
-                records.append(PromptRecord(prompt=prompt, answer=str(row["answer"]), index=len(records)))
+        records = load_jsonl_file(path)
         if not records:
             raise ValueError(f"data file {source} holds no records")
-        return records
-    from megarl.eval.data import load_benchmark
-
-    return [PromptRecord(prompt=r.problem, answer=str(r.answer), index=i) for i, r in enumerate(load_benchmark(source))]
+        return [PromptRecord(prompt=r.messages if r.messages is not None else r.problem, answer=r.answer, index=i)
+                for i, r in enumerate(records)]
+    return [PromptRecord(prompt=r.problem, answer=r.answer, index=i) for i, r in enumerate(load_benchmark(source))]
 
 
 def render_prompt(tokenizer, prompt: Any, fmt: str) -> list[int]:
