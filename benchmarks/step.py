@@ -113,9 +113,9 @@ def main() -> None:
               f"{s['step_s'] / ref['step']:.2f}x of {ref['step']} s (target <= 0.5), peak RSS "
               f"{s['peak_rss_gb'] / ref['peak_rss_gb']:.2f}x of {ref['peak_rss_gb']} GB (target < 1)")
     if args.json:
-        tmp_path = Path(args.json).with_suffix(".tmp")
-        tmp_path.write_text(json.dumps(s, indent=2))
-        os.replace(tmp_path, args.json)
+        from megarl.fileio import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(s, indent=2))
 
 
 if __name__ == "__main__":

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,13 +49,6 @@ def curve(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", default="runs/one_shot_cpu")
@@ -70,6 +61,7 @@ def main() -> None:
     if args.steps < 1 or args.eval_every < 1:
         raise SystemExit("cpu_experiment: --steps and --eval-every must be >= 1")
 
+    from megarl.fileio import atomic_write_text
     from megarl.pipelines.demo import prepare
     from megarl.pipelines.one_shot import variance_scores
 
@@ -101,12 +93,12 @@ def main() -> None:
         "lowest": {"index": low[0], "std": low[1], "record": records[low[0]]},
         "curves": {name: {str(s): a for s, a in c.items()} for name, c in curves.items()},
     }
-    write_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     lines = ["| step | " + " | ".join(curves) + " |", "|---:|" + "---:|" * len(curves)]
     for s in steps:
         lines.append(f"| {s} | " + " | ".join(f"{curves[n].get(s, float('nan')):.3f}" for n in curves) + " |")
     table = "\n".join(lines) + "\n"
-    write_atomic(run_dir / "results.md", table)
+    atomic_write_text(run_dir / "results.md", table)
     print(table)
     print(f"selected example #{top[0]} (std {top[1]:.3f}): {records[top[0]]['prompt']!r} -> {records[top[0]]['answer']}")
 

@@ -26,7 +26,6 @@ import difflib
 import enum
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -178,18 +177,9 @@ def config_to_yaml(cfg: Any) -> str:
 
 def dump_config(cfg: Any, path: str | os.PathLike) -> Path:
     """Writes the resolved config as YAML next to a run: to a temp file, then renamed over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(config_to_yaml(cfg))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from megarl.fileio import atomic_write_text
+
+    return atomic_write_text(path, config_to_yaml(cfg))
 
 
 # ----------------------------------------------------------------------------------------------

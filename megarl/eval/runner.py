@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,8 +24,9 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 from megarl.eval.data import Record, load_benchmark, resolve_name
-from megarl.eval.metrics import accuracy, avg_at_k, macro_average, maj_at_k, majority_index, pass_at_k, rm_at_k
+from megarl.eval.metrics import accuracy, avg_at_k, macro_average, maj_at_k, pass_at_k, rm_at_k
 from megarl.eval.templates import get_template
+from megarl.fileio import atomic_write_text
 from megarl.rewards.grader import GraderConfig, GraderPool
 from megarl.rewards.math import GradeResult
 from megarl.rewards.tir import TIRConfig, run_tir_batch
@@ -377,20 +377,6 @@ def render_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_results(results: dict, samples: list[dict] | None, out_dir: str | os.PathLike) -> dict[str, Path]:
     """results.json, results.md and (if samples) samples.jsonl in out_dir, each written to a
     temporary file and renamed, so a crash never leaves a half-written file."""
@@ -399,7 +385,7 @@ def write_results(results: dict, samples: list[dict] | None, out_dir: str | os.P
     paths = {"json": out / "results.json", "markdown": out / "results.md"}
     if samples is not None:
         paths["samples"] = out / "samples.jsonl"
-        _atomic_write(paths["samples"], "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-    _atomic_write(paths["json"], json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    _atomic_write(paths["markdown"], render_markdown(results))
+        atomic_write_text(paths["samples"], "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    atomic_write_text(paths["json"], json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(paths["markdown"], render_markdown(results))
     return paths

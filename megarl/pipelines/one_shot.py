@@ -120,16 +120,6 @@ class AccuracyLog:
 
     def write(self, path: str | os.PathLike) -> None:
         """JSON {index: [accuracy, ...]}, written to a temporary file and renamed."""
-        import tempfile
+        from megarl.fileio import atomic_write_text
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({str(i): h for i, h in sorted(self.history.items())}, f)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_text(path, json.dumps({str(i): h for i, h in sorted(self.history.items())}))
