@@ -337,13 +337,13 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
         mbs = cfg.train.micro_batch_size
         shape = tuple(batch.input_ids.shape)
         trim = layout.tp if layout.pp == 1 else 0
-        skip = not layout.sequence_parallel
+        skip_prompt = not layout.sequence_parallel  # LM logits only from the first response position
         on_policy = cfg.train.epochs == 1 and cfg.train.mini_batches == 1 and cfg.actor.kl.placement != "reward"
         with timer("logprob"):
             old_logp = None if on_policy else forward_logprobs(
-                actor.chunks, microbatches(batch, rows, mbs, trim_to=trim, skip_prompt_logits=skip),
+                actor.chunks, microbatches(batch, rows, mbs, trim_to=trim, skip_prompt_logits=skip_prompt),
                 cfg.rollout.temperature, groups, shape)
-            ref_logp = (forward_logprobs(ref_chunks, microbatches(batch, rows, mbs, trim_to=trim, skip_prompt_logits=skip),
+            ref_logp = (forward_logprobs(ref_chunks, microbatches(batch, rows, mbs, trim_to=trim, skip_prompt_logits=skip_prompt),
                                          cfg.rollout.temperature, groups, shape)
                         if need_ref else None)
 
@@ -378,7 +378,7 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
         # policy update ------------------------------------------------------------------------
         loss_sums = torch.zeros(len(_LOSS_KEYS), dtype=torch.float64)
         grad_norms = []
-        updated_rows = 0
+        updated_rows = total_rows = 0
         skip_zero = (cfg.train.skip_zero_advantage and cfg.actor.entropy_coef == 0.0
                      and cfg.actor.kl.placement == "none" and not cfg.uses_critic)
         if bridge is not None and cfg.rollout.sleep:
@@ -397,11 +397,12 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
                     # (every rank keeps one row so the schedule's collectives still meet)
                     live = (advantages[mini_rows] * batch.response_mask[mini_rows]).abs().sum(1) > 0
                     mini_rows = mini_rows[live] if bool(live.any()) else mini_rows[:1]
-                mb_list = microbatches(batch, mini_rows, mbs, trim_to=trim, skip_prompt_logits=skip,
+                mb_list = microbatches(batch, mini_rows, mbs, trim_to=trim, skip_prompt_logits=skip_prompt,
                                        old_logp=old_logp, ref_logp=ref_logp,
                                        adv=advantages)
                 kept_tok, kept_seq = count_tokens_and_seqs([mb["mask"] for mb in mb_list], groups.dp_group)
                 updated_rows += kept_seq
+                total_rows += n_seq
                 # token means of the metrics (entropy, clip_frac, ...) over the rows computed
                 metric_scale = n_tok / max(kept_tok, 1)
 
@@ -482,7 +483,7 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
             "reward/mean": roll[0], "reward/std": roll[1], "reward/accuracy": roll[2],
             "response/length_mean": roll[3], "response/length_max": roll[4], "response/truncated_frac": roll[5],
             "actor/grad_norm": sum(grad_norms) / len(grad_norms),
-            "actor/updated_frac": updated_rows / max(num_updates * cfg.data.prompts_per_step * n / cfg.train.mini_batches, 1),
+            "actor/updated_frac": updated_rows / max(total_rows, 1),
             **{f"actor/{k}": float(v) for k, v in zip(_LOSS_KEYS, loss_t.tolist())
                if k != "kl_loss" or cfg.actor.kl.placement == "loss"},
             **{f"reward/{k}": v for k, v in reward_metrics.items()},
