@@ -9,8 +9,6 @@ ordinary HF checkpoint.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,10 +46,10 @@ def smollm2_hf_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    from megarl.models.checkpoint import atomic_output_dir
+
     gguf = smollm2_gguf_path()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+    with atomic_output_dir(out, True) as tmp:
         loaded = LlamaForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         # A GGUF-loaded model refuses save_pretrained: copy its dequantised weights into a
@@ -66,10 +64,4 @@ def smollm2_hf_dir(cache_dir: str | os.PathLike | None = None) -> Path:
             raise RuntimeError(f"SmolLM2 GGUF: missing {missing}, unexpected {unexpected}")
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 CHARS = list("0123456789+=")
@@ -139,20 +137,14 @@ def prepare(run_dir: str | os.PathLike, *, sft_steps: int, seed: int = 0, teache
     run_dir = Path(run_dir)
     (run_dir / "data").mkdir(parents=True, exist_ok=True)
     train_path, test_path = make_data(run_dir / "data", seed=seed)
-    tmp = Path(tempfile.mkdtemp(prefix="init.tmp-", dir=run_dir))
-    try:
+    from megarl.models.checkpoint import atomic_output_dir
+
+    with atomic_output_dir(run_dir / "init", True) as tmp:
         tokenizer = make_tokenizer(tmp)
         model = make_model(tmp, tokenizer, seed=seed)
         torch.manual_seed(seed)
         loss = sft(model, tokenizer, train_path, steps=sft_steps, seed=seed, teacher_error=teacher_error)
         acc = greedy_accuracy(model, tokenizer, test_path)
         model.save_pretrained(tmp)
-        final = run_dir / "init"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return {"model": str(run_dir / "init"), "train": train_path, "test": test_path,
             "sft_loss": loss, "sft_accuracy": acc}
