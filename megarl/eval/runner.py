@@ -163,6 +163,7 @@ def run_eval(
     scorer: Scorer | None = None,
     log: Callable[[str], None] = lambda msg: None,
     process_group: Any = None,
+    pools: dict[str, GraderPool] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Evaluate on every benchmark of `config`; return (results, per-sample records).
 
@@ -172,6 +173,9 @@ def run_eval(
     process_group: data-parallel evaluation (the RL trainer): every rank of the group calls
     run_eval, generates and grades problems rank, rank + world, ..., and all ranks gather the
     per-problem results and return the same metrics and samples.
+    pools: grader pools by verifier kind ("math", "last_integer") kept by the caller across
+    calls (the trainer evaluates every N steps); missing ones are added to it, and the caller
+    closes them. Without it, run_eval starts its own and closes them before returning.
     """
     results: dict[str, Any] = {
         "model": model,
@@ -181,7 +185,8 @@ def run_eval(
         "benchmarks": {},
     }
     samples: list[dict] = []
-    pools: dict[str, GraderPool] = {}
+    own_pools = pools is None
+    pools = {} if pools is None else pools
     try:
         for name in config.benchmarks:
             settings = config.settings_for(name)
@@ -196,8 +201,9 @@ def run_eval(
             log(f"[eval] {name}: {summary['primary_metric']} = {summary['score']:.4f} "
                 f"({summary['num_problems']} problems, {summary['time_s']:.1f} s)")
     finally:
-        for pool in pools.values():
-            pool.close()
+        if own_pools:
+            for pool in pools.values():
+                pool.close()
     per = {n: b["metrics"] for n, b in results["benchmarks"].items()}
     results["average"] = {
         "score": sum(b["score"] for b in results["benchmarks"].values()) / len(results["benchmarks"]),

@@ -57,6 +57,7 @@ class HeldOutEval:
     def __init__(self, config: EvalConfig | None, engine, tokenizer, groups, run_dir: str, *, write: bool) -> None:
         self.config, self.engine, self.tokenizer, self.groups = config, engine, tokenizer, groups
         self.run_dir, self.write = run_dir, write
+        self.pools: dict = {}  # grader worker pools, started at the first evaluation, kept until close()
 
     @property
     def enabled(self) -> bool:
@@ -66,7 +67,8 @@ class HeldOutEval:
         if self.config is None:
             return float("nan"), {}
         group = self.groups.dp_group if self.groups.dp > 1 else None
-        results, samples = run_eval(self.engine, self.tokenizer, self.config, model=f"step {step}", process_group=group)
+        results, samples = run_eval(self.engine, self.tokenizer, self.config, model=f"step {step}", process_group=group,
+                                    pools=self.pools)
         if self.write:
             write_results(results, samples, os.path.join(self.run_dir, "eval", f"step_{step:06d}"))
         metrics = {"eval/accuracy": results["average"]["score"]}
@@ -74,3 +76,8 @@ class HeldOutEval:
             for k, v in b["metrics"].items():
                 metrics[f"eval/{_short(name)}/{k}"] = v
         return results["average"]["score"], metrics
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+        self.pools.clear()

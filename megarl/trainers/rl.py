@@ -515,4 +515,5 @@ def train(cfg: RLConfig, overrides_text: str = "") -> dict:
         acc_log.write(os.path.join(run_dir, "acc_log.json"))
     logger.close()
     rewards.close()
+    evaluate.close()
     return results
