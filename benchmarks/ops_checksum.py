@@ -4,6 +4,10 @@ Baselines, on the same bytes: the torch reference (megarl.ops.checksum_reference
 vector, a product and two reductions) and a plain copy of the tensor into a warm buffer (the
 bandwidth bound the weight bridge is measured against: a checksum reads the bytes once, a copy
 reads and writes them). On a GPU the row's GB/s is the bytes read over the time.
+
+copy_checksum (the engine side of a sync: copy, then checksum what was written) against copy_
+followed by checksum on the same tensors, and against copy_ alone (its floor); the copies go
+into a fresh destination as big as the source, as an engine's weights are.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from _harness import Case  # noqa: E402
 
 
 def cases(device, quick: bool) -> list[Case]:
-    from megarl.ops import checksum, checksum_reference
+    from megarl.ops import checksum, checksum_reference, copy_checksum
 
     gen = torch.Generator(device=device).manual_seed(0)
     out = []
@@ -34,6 +38,12 @@ def cases(device, quick: bool) -> list[Case]:
             Case(op="checksum", shape=shape, baseline=lambda x=x, buf=buf: buf.copy_(x),
                  megarl=lambda x=x: checksum(x), baseline_name="copy of the same bytes",
                  target=">= 1x (one read vs read + write)", bytes_moved=x.nbytes),
+            Case(op="copy_checksum", shape=shape, baseline=lambda x=x, buf=buf: checksum(buf.copy_(x)),
+                 megarl=lambda x=x, buf=buf: copy_checksum(buf, x), baseline_name="copy_ then checksum",
+                 target="> 1x (one pass vs two)", bytes_moved=x.nbytes),
+            Case(op="copy_checksum", shape=shape, baseline=lambda x=x, buf=buf: buf.copy_(x),
+                 megarl=lambda x=x, buf=buf: copy_checksum(buf, x), baseline_name="copy_ alone",
+                 target="~1x (the checksum rides on the copy)", bytes_moved=x.nbytes),
         ]
     # a bf16 tensor of odd length (a tail word) at an odd byte offset: the unaligned CUDA path
     y = torch.randn((1 << 16) + 3 if quick else (16 << 20) + 3, generator=gen, device=device).bfloat16()

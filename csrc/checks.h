@@ -88,4 +88,17 @@ inline void check_checksum_input(const at::Tensor& t, const char* op) {
   TORCH_CHECK_VALUE(t.layout() == at::kStrided, op, ": t must be a dense (strided) tensor, got layout ", t.layout());
 }
 
+// copy_checksum: dst dense and contiguous (what it checksums is its memory), src dense, same
+// shape, one device.
+inline void check_copy_checksum_inputs(const at::Tensor& dst, const at::Tensor& src, const char* op) {
+  TORCH_CHECK_VALUE(dst.layout() == at::kStrided && src.layout() == at::kStrided, op,
+                    ": dst and src must be dense (strided) tensors, got layouts ", dst.layout(), " and ", src.layout());
+  TORCH_CHECK_VALUE(dst.is_contiguous(), op, ": dst must be contiguous (its memory is what gets checksummed)");
+  TORCH_CHECK_VALUE(dst.sizes() == src.sizes(), op, ": src shape ", src.sizes(), " does not match dst shape ",
+                    dst.sizes());
+  TORCH_CHECK_VALUE(dst.device() == src.device(), op, ": dst (", dst.device(), ") and src (", src.device(),
+                    ") must be on one device");
+  TORCH_CHECK_VALUE(!dst.is_conj() && !dst.is_neg(), op, ": dst must not be a conjugate or negative view");
+}
+
 }  // namespace megarl

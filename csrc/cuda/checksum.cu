@@ -38,9 +38,11 @@ __device__ __forceinline__ uint64_t load_word_bytes(const unsigned char* p, int6
 }
 
 // out[0] += sum_i w_i, out[1] += sum_i (i + 1) swap(w_i) over the words this block's threads visit.
-template <bool kAligned16>
+// kCopy (copy_checksum; needs kAligned16 and dst 16-byte aligned too): every word read is also
+// stored to dst, so the bytes are checksummed on their way into dst, in one pass.
+template <bool kAligned16, bool kCopy = false>
 __global__ void checksum_kernel(const unsigned char* __restrict__ p, int64_t nbytes,
-                                unsigned long long* __restrict__ out) {
+                                unsigned long long* __restrict__ out, unsigned char* __restrict__ dst = nullptr) {
   const int64_t num_words = (nbytes + 7) / 8;  // the last one zero-padded
   const int64_t whole = nbytes / 8;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -52,12 +54,16 @@ __global__ void checksum_kernel(const unsigned char* __restrict__ p, int64_t nby
     const ulonglong2* p2 = reinterpret_cast<const ulonglong2*>(p);
     for (int64_t k = tid; k < pairs; k += stride) {
       const ulonglong2 v = __ldg(p2 + k);
+      if (kCopy) reinterpret_cast<ulonglong2*>(dst)[k] = v;
       const uint64_t i = static_cast<uint64_t>(2 * k);
       sum += v.x + v.y;
       weighted += (i + 1) * swap_halves(v.x) + (i + 2) * swap_halves(v.y);
     }
     for (int64_t i = 2 * pairs + tid; i < num_words; i += stride) {
       const uint64_t w = load_word_bytes(p, nbytes, i);
+      if (kCopy) {
+        for (int64_t b = i * 8; b < i * 8 + 8 && b < nbytes; ++b) dst[b] = p[b];
+      }
       sum += w;
       weighted += static_cast<uint64_t>(i + 1) * swap_halves(w);
     }
@@ -115,7 +121,40 @@ at::Tensor checksum_cuda(const at::Tensor& t_in) {
   return out;
 }
 
+// copy_checksum: dst.copy_(src) and checksum(dst). Same dtype, src contiguous, both 16-byte
+// aligned (the usual case: whole tensors from the caching allocator): one fused pass, every word
+// stored as it is summed. Anything else (a cast, strides, a misaligned view): copy_, then the
+// checksum kernel over dst.
+at::Tensor copy_checksum_cuda(at::Tensor& dst, const at::Tensor& src) {
+  check_copy_checksum_inputs(dst, src, "megarl::copy_checksum");
+  const c10::cuda::CUDAGuard guard(dst.device());
+  const int64_t nbytes = static_cast<int64_t>(dst.nbytes());
+  const bool fused = src.scalar_type() == dst.scalar_type() && src.is_contiguous() && !src.is_conj() &&
+                     !src.is_neg() && reinterpret_cast<uintptr_t>(src.const_data_ptr()) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(dst.data_ptr()) % 16 == 0;
+  if (!fused || nbytes == 0) {
+    dst.copy_(src);
+    return checksum_cuda(dst);
+  }
+  const auto* sp = static_cast<const unsigned char*>(src.const_data_ptr());
+  auto* dp = static_cast<unsigned char*>(dst.data_ptr());
+  TORCH_CHECK_VALUE(sp + nbytes <= dp || dp + nbytes <= sp, "megarl::copy_checksum: src and dst share memory");
+  at::Tensor out = at::zeros({2}, dst.options().dtype(at::kLong));
+  int device = dst.get_device(), sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t words = (nbytes + 7) / 8;
+  const int64_t wanted = (words + kThreads - 1) / kThreads;
+  const unsigned blocks = static_cast<unsigned>(wanted < 4 * sms ? wanted : 4 * sms);
+  auto* o = reinterpret_cast<unsigned long long*>(out.mutable_data_ptr<int64_t>());
+  checksum_kernel<true, true><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(sp, nbytes, o, dp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 }  // namespace megarl
 
-TORCH_LIBRARY_IMPL(megarl, CUDA, m) { m.impl("checksum", &megarl::checksum_cuda); }
+TORCH_LIBRARY_IMPL(megarl, CUDA, m) {
+  m.impl("checksum", &megarl::checksum_cuda);
+  m.impl("copy_checksum", &megarl::copy_checksum_cuda);
+}

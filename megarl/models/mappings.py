@@ -334,11 +334,17 @@ def mcore_to_hf(
         up = cat([s[f_local:] for s in shards], dim=0)
         return [(names[0], gate), (names[1], up)]
     assert m.kind == "qkv"
+    # each shard is groups_local blocks of [q rows of the group's heads, k rows, v rows]: slice
+    # the blocks (a strided copy, or a view with one group), as _qkv_rows lists them
+    d = spec.head_dim
+    groups_local = spec.num_kv_heads // tp_size
+    q_rows = spec.num_attention_heads // spec.num_kv_heads * d
+    bounds = [(0, q_rows), (q_rows, q_rows + d), (q_rows + d, q_rows + 2 * d)]
     parts: list[list[torch.Tensor]] = [[], [], []]
-    for r, s in enumerate(shards):
-        for part in range(3):
-            rows, _ = _qkv_rows(spec, part, r, tp_size)
-            parts[part].append(s[rows])
+    for s in shards:
+        blocks = s.view(groups_local, q_rows + 2 * d, *s.shape[1:])
+        for part, (lo, hi) in enumerate(bounds):
+            parts[part].append(blocks[:, lo:hi].reshape(groups_local * (hi - lo), *s.shape[1:]))
     return [(names[p], cat(parts[p], dim=0)) for p in range(3)]
 
 

@@ -21,6 +21,12 @@ shape are not part of it (tensor_checksum adds them).
 Kernels: csrc/checksum.cpp (one read of the tensor, at::parallel_for over 4 MiB chunks, the
 weighted sum by running sums: additions only), csrc/cuda/checksum.cu (grid-stride loop, warp
 reduction, one 64-bit atomicAdd pair per block). ``checksum`` is the one dispatch point.
+
+``copy_checksum(dst, src)`` copies and returns checksum(dst): the CPU kernel (csrc/checksum.cpp)
+checksums each 64 KiB block right after copying it, while it is in cache, so the receiving side
+of a sync reads the weights once; the CUDA kernel (csrc/cuda/checksum.cu) stores every word it
+sums (same dtype, contiguous, 16-byte aligned; otherwise copy_ then the checksum kernel).
+``copy_checksum`` is its dispatch point.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 
 from megarl import _ext
 
-__all__ = ["checksum", "checksum_reference"]
+__all__ = ["checksum", "checksum_reference", "copy_checksum", "copy_checksum_reference"]
 
 
 def checksum_reference(t: torch.Tensor) -> torch.Tensor:
@@ -71,10 +77,56 @@ def checksum(t: torch.Tensor) -> torch.Tensor:
     return checksum_reference(t)
 
 
+def copy_checksum_reference(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """dst.copy_(src), then checksum_reference(dst): [2] int64 of the bytes dst holds after the
+    copy (in dst's dtype: a cast happens in the copy). Two passes over memory."""
+    dst.copy_(src)
+    return checksum_reference(dst)
+
+
+def copy_checksum(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """Copy src into dst and return the checksum of what dst then holds, as `checksum(dst)`.
+
+    The loading side of a weight sync: an engine writes each received tensor with it and reports
+    the result, so "what the engine stored" is checked without reading every weight back. The
+    CPU kernel copies and checksums block by block while each block is in cache (one pass over
+    memory, where copy + checksum is two); the CUDA kernel likewise for same-dtype contiguous
+    tensors; other cases copy_, then checksum.
+
+    Args:
+        dst: tensor written in place (a parameter: call under torch.no_grad()); the one-pass
+            kernel needs it contiguous, any other is copied into and then checksummed.
+        src: same shape, same device, any dtype (cast like copy_) and strides; must not overlap dst.
+    Returns:
+        [2] int64 on dst's device: checksum(dst) after the copy.
+    """
+    for name, t in (("dst", dst), ("src", src)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"copy_checksum: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise ValueError(f"copy_checksum: {name} must be a dense (strided) tensor, got layout {t.layout}")
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"copy_checksum: src shape {tuple(src.shape)} does not match dst shape {tuple(dst.shape)}")
+    if dst.device != src.device:
+        raise ValueError(f"copy_checksum: dst ({dst.device}) and src ({src.device}) must be on one device")
+    if dst.requires_grad and torch.is_grad_enabled():
+        raise ValueError("copy_checksum: dst requires grad: call it under torch.no_grad()")
+    if dst.is_contiguous() and not (dst.is_conj() or dst.is_neg()) and _ext.has_kernel("copy_checksum", dst.device):
+        return torch.ops.megarl.copy_checksum(dst.detach(), src.detach())
+    with torch.no_grad():
+        dst.copy_(src)
+    return checksum(dst)
+
+
 def _register() -> None:
     @torch.library.register_fake("megarl::checksum")
     def _checksum_fake(t):
         return torch.empty(2, dtype=torch.int64, device=t.device)
+
+    if hasattr(torch.ops.megarl, "copy_checksum"):
+        @torch.library.register_fake("megarl::copy_checksum")
+        def _copy_checksum_fake(dst, src):
+            return torch.empty(2, dtype=torch.int64, device=dst.device)
 
 
 if _ext.extension_loaded() and hasattr(torch.ops.megarl, "checksum"):

@@ -14,9 +14,13 @@ and moves it bucket by bucket:
   4. every rank hands its bucket to its engine (`update_weights` receives ONE stream of
      buckets per sync, each built only when the engine asks for it, so the bridge holds at
      most one bucket at a time);
-  5. after loading, the engine's copy of every tensor is read back and checksummed, and every
-     `verify_every` syncs the engine's log-probs on a fixed probe batch are compared with the
-     trainer's (`megarl.ops.logprob_entropy` over the trainer's own forward).
+  5. the engine's checksum of every tensor is compared with the sent one: by default the one the
+     engine computed while writing it (`loaded_checksums`, from `megarl.ops.copy_checksum`: the
+     bytes it stored, checksummed block by block as they were written, so verification costs
+     no second read of the weights), else (or with `checksum_readback`) its copy read back
+     after loading; and every `verify_every` syncs the engine's log-probs on a fixed probe
+     batch are compared with the trainer's (`megarl.ops.logprob_entropy` over the trainer's
+     own forward).
 
 Fast path: when the engine holds megatron shards in the trainer's layout (a `MegatronEngine`
 over its own copy of the model, or any engine implementing `weight_shard_layout()` /
@@ -32,6 +36,9 @@ left waiting in a collective), naming the tensors or the probe sequence and its 
 
 Optional engine methods the bridge uses when present (otherwise adapters for HFEngine-like
 engines with an HF `.model` and for MegatronEngine are used):
+  loaded_checksums(names) -> {name: checksum string or None} of what the LAST update_weights
+    wrote for each name, computed from the written bytes (`megarl.ops.copy_checksum`, formatted
+    by `checksum_string`); None for a name that call did not write;
   weight_checksums(names) -> {name: tensor_checksum(tensor)} of what the engine holds;
   prompt_logprobs(sequences) -> [per sequence, log p(token t | tokens < t) for t >= 1];
   weight_shard_layout() -> (tp_size, tp_rank, pp_size, pp_rank) and
@@ -52,7 +59,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from megarl.ops.checksum import checksum
+from megarl.ops.checksum import checksum, copy_checksum
 from megarl.rollout.engine import SamplingParams
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,7 +85,9 @@ class BridgeConfig:
     both sides; a bf16 engine needs ~0.1); checksum: compare per-tensor checksums after every
     sync; dtype: the engine's weight dtype ("float32", "bfloat16", "float16"; None = the
     trainer's) - tensors are cast before checksumming; fast_path: copy shards directly when
-    the engine holds the trainer's layout; probe_sequences / probe_length / probe_seed: the
+    the engine holds the trainer's layout; checksum_readback: compare checksums read back from
+    the engine after loading (one more read of every weight) even when the engine reports the
+    ones it computed while writing (loaded_checksums; the fast-path copy does the same); probe_sequences / probe_length / probe_seed: the
     default probe batch (random token ids) when sync() gets none; probe_new_tokens: tokens
     sampled by the generate probe; probe_mode: "auto" (teacher-forced log-probs of the probe
     sequences when the engine can give them, else the generate probe) or "generate" (always
@@ -88,6 +97,7 @@ class BridgeConfig:
     verify_every: int = 1
     probe_atol: float = 1e-3
     checksum: bool = True
+    checksum_readback: bool = False
     dtype: str | None = None
     fast_path: bool = True
     probe_sequences: int = 2
@@ -116,8 +126,9 @@ class BridgeConfig:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or null, got {self.dtype!r}")
         if self.probe_mode not in ("auto", "generate"):
             raise ValueError(f"probe_mode must be 'auto' or 'generate', got {self.probe_mode!r}")
-        if not isinstance(self.checksum, bool) or not isinstance(self.fast_path, bool):
-            raise ValueError("checksum and fast_path must be true/false")
+        for name in ("checksum", "checksum_readback", "fast_path"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true/false, got {getattr(self, name)!r}")
 
     @property
     def bucket_bytes(self) -> int:
@@ -172,24 +183,33 @@ class SyncReport:
 # ---- checksums ------------------------------------------------------------------------------------
 
 
+def checksum_string(dtype: torch.dtype, shape: Sequence[int], words: Sequence[int]) -> str:
+    """The short string form of a checksum: dtype, shape and the two words of `megarl.ops.checksum`
+    (or `copy_checksum`) of the tensor's bytes, e.g. "float32[4, 8]:<32 hex digits>"."""
+    a, b = (int(x) for x in words)
+    return f"{str(dtype).removeprefix('torch.')}{list(shape)}:{a & (2**64 - 1):016x}{b & (2**64 - 1):016x}"
+
+
 def tensor_checksum(t: torch.Tensor) -> str:
     """Checksum of a tensor's dtype, shape and exact bits, as a short string: dtype, shape and
     `megarl.ops.checksum` (the wrapping sum and index-weighted sum of its bytes as int64 words;
     the fused C++/CUDA kernel, one read of the tensor). Engines that implement
-    `weight_checksums` must compute it with this function."""
-    a, b = (int(x) for x in checksum(t).tolist())
-    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}:{a & (2**64 - 1):016x}{b & (2**64 - 1):016x}"
+    `weight_checksums` must compute it with this function; `loaded_checksums` gives the same
+    string from `copy_checksum`'s words (`checksum_strings`)."""
+    return checksum_string(t.dtype, t.shape, checksum(t).tolist())
+
+
+def checksum_strings(tensors: Sequence[torch.Tensor], words: Sequence[torch.Tensor]) -> list[str]:
+    """checksum_string of each tensor from its [2] words tensor (as `checksum` or `copy_checksum`
+    return them), with one device->host copy for all."""
+    if not tensors:
+        return []
+    return [checksum_string(t.dtype, t.shape, w) for t, w in zip(tensors, torch.stack(list(words)).tolist())]
 
 
 def _checksums(tensors: Sequence[torch.Tensor]) -> list[str]:
     """tensor_checksum of many tensors with one device->host copy."""
-    if not tensors:
-        return []
-    words = torch.stack([checksum(t) for t in tensors]).tolist()
-    return [
-        f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}:{a & (2**64 - 1):016x}{b & (2**64 - 1):016x}"
-        for t, (a, b) in zip(tensors, words)
-    ]
+    return checksum_strings(tensors, [checksum(t) for t in tensors])
 
 
 # ---- the plan -------------------------------------------------------------------------------------
@@ -436,10 +456,12 @@ class WeightBridge:
         if report.path != "shared":
             fast = report.path == "fast"
             with _plain_torch():
-                expected = self._send(engine, fast, report, errors)
+                expected, written = self._send(engine, fast, report, errors)
                 if self.config.checksum and engine is not None and not errors:
                     t1 = time.perf_counter()
-                    if fast:
+                    if fast and written is not None and not self.config.checksum_readback:
+                        got = written  # computed by the copy itself (copy_checksum)
+                    elif fast:
                         got = self._engine_shard_checksums(engine, list(expected))
                     else:
                         got = self._engine_checksums(engine, list(expected))
@@ -595,10 +617,14 @@ class WeightBridge:
             del tensors
             views = sums_t = None
 
-    def _send(self, engine, fast: bool, report: SyncReport, errors: list[tuple[str, str]]) -> dict[str, str]:
+    def _send(self, engine, fast: bool, report: SyncReport,
+              errors: list[tuple[str, str]]) -> tuple[dict[str, str], dict[str, str] | None]:
         """Stream every bucket to the engine; a failing or lazy engine is recorded in `errors`
-        after the stream has been drained, so the other ranks' collectives still complete."""
+        after the stream has been drained, so the other ranks' collectives still complete.
+        Returns the sent checksums and, when this bridge wrote the engine's shards itself (the
+        fast path without update_weight_shards), the checksums of what it wrote."""
         expected: dict[str, str] = {}
+        written: dict[str, str] | None = None
         stream = self._bucket_stream(self._plan(fast=fast), fast, report, expected)
         name = type(engine).__name__
         try:
@@ -610,10 +636,18 @@ class WeightBridge:
                 engine.update_weight_shards(_Guard(stream))
             else:
                 params = self._engine_shard_params(engine)
+                written = {}
                 with torch.no_grad():
                     for bucket in stream:
-                        for n, t in bucket.items():
-                            params[n].copy_(t)
+                        names = list(bucket)
+                        if self.config.checksum and not self.config.checksum_readback:
+                            t = time.perf_counter()
+                            words = [copy_checksum(params[n], bucket[n]) for n in names]
+                            written.update(zip(names, checksum_strings([params[n] for n in names], words)))
+                            report.checksum_s += time.perf_counter() - t
+                        else:
+                            for n in names:
+                                params[n].copy_(bucket[n])
         except Exception as e:  # noqa: BLE001 - reported on every rank below
             errors.append(("engine", f"{name} failed while loading bucket {report.num_buckets}: "
                                      f"{type(e).__name__}: {e}"))
@@ -622,14 +656,15 @@ class WeightBridge:
         if leftover and engine is not None and not errors:
             errors.append(("stream", f"{name} stopped reading after {taken} of "
                                      f"{taken + leftover} buckets"))
-        return expected
+        return expected, written
 
     # ---- reading the engine back ---------------------------------------------------------------
 
     @staticmethod
     def _check_readable(engine) -> None:
         # before any collective: a configuration error must not leave other ranks waiting
-        if not (hasattr(engine, "weight_checksums") or _hf_module(engine) is not None
+        if not (hasattr(engine, "weight_checksums") or hasattr(engine, "loaded_checksums")
+                or _hf_module(engine) is not None
                 or _megatron_chunks(engine) is not None):
             raise ValueError(
                 f"{type(engine).__name__} cannot be checksummed: it has no weight_checksums(names), no HF "
@@ -637,6 +672,9 @@ class WeightBridge:
             )
 
     def _engine_checksums(self, engine, names: list[str]) -> dict[str, str | None]:
+        loaded = getattr(engine, "loaded_checksums", None)
+        if loaded is not None and not self.config.checksum_readback:
+            return dict(loaded(names))
         fn = getattr(engine, "weight_checksums", None)
         if fn is not None:
             return dict(fn(names))

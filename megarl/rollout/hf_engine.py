@@ -67,6 +67,7 @@ class HFEngine:
         pad = gen.pad_token_id if gen.pad_token_id is not None else self.tokenizer.pad_token_id
         self.pad_token_id: int = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
         self._asleep = False
+        self._loaded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (tensor, copy_checksum words)
 
     # ------------------------------------------------------------------ RolloutEngine
 
@@ -88,24 +89,39 @@ class HFEngine:
         return out
 
     def update_weights(self, buckets: Iterable[dict[str, torch.Tensor]]) -> None:
-        """Copy HF-named full tensors into the model (names as in model.state_dict())."""
+        """Copy HF-named full tensors into the model (names as in model.state_dict()). Each copy
+        also checksums what it wrote (megarl.ops.copy_checksum), for loaded_checksums."""
+        from megarl.ops import copy_checksum
+
         params = dict(self.model.named_parameters())
         params.update(dict(self.model.named_buffers()))
-        state_names = set(self.model.state_dict())
+        state: dict[str, torch.Tensor] | None = None
+        self._loaded = {}
         with torch.no_grad():
             for bucket in buckets:
                 for name, tensor in bucket.items():
                     target = params.get(name)
-                    if target is None and name in state_names:
+                    if target is None:
                         # A tied alias (lm_head.weight with tied embeddings) shares storage.
-                        target = self.model.state_dict()[name]
+                        state = self.model.state_dict(keep_vars=True) if state is None else state
+                        target = state.get(name)
                     if target is None:
                         raise ValueError(f"update_weights: {name!r} is not a weight of {type(self.model).__name__}")
                     if tuple(target.shape) != tuple(tensor.shape):
                         raise ValueError(
                             f"update_weights: {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
                         )
-                    target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+                    self._loaded[name] = (target, copy_checksum(target, tensor.to(device=target.device)))
+
+    def loaded_checksums(self, names: Sequence[str]) -> dict[str, str | None]:
+        """megarl.rollout.bridge checksum strings of what the last update_weights wrote for each
+        name, computed from the bytes written (None: that call did not write the name)."""
+        from megarl.rollout.bridge import checksum_strings
+
+        found = [n for n in names if n in self._loaded]
+        sums = dict(zip(found, checksum_strings([self._loaded[n][0] for n in found],
+                                                [self._loaded[n][1] for n in found])))
+        return {n: sums.get(n) for n in names}
 
     def sleep(self) -> None:
         """Offload weights to host memory (no-op on CPU, where there is nothing to free)."""

@@ -14,8 +14,8 @@ MASK64 = 2**64 - 1
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8, torch.uint8, torch.int16,
           torch.int32, torch.int64, torch.bool, torch.complex64]
 # 0, sub-word, one word, not a multiple of the 8 CPU lanes, around 8 KiB, and (for 2-byte and
-# wider dtypes) over one 4 MiB CPU task, so several tasks on two threads
-CPU_TASK_WORDS = 1 << 19
+# wider dtypes) over one 256 KiB CPU task, so several tasks on two threads
+CPU_TASK_WORDS = 1 << 15
 NUMELS = [0, 1, 3, 7, 8, 9, 1023, 1025, 4097, (1 << 16) + 5, (1 << 21) + 13]
 
 
@@ -248,3 +248,100 @@ def test_meta_tensor_fake_kernel():
     _require_kernel("cpu")
     out = torch.ops.megarl.checksum(torch.empty(10, device="meta"))
     assert out.shape == (2,) and out.dtype == torch.int64 and out.device.type == "meta"
+
+
+# ---------------------------------------------------------------------------------------------
+# copy_checksum: dst.copy_(src), then checksum(dst), fused
+
+
+def _copy_cases(device: str) -> dict[str, tuple[torch.Tensor, torch.dtype]]:
+    """(src, dst dtype) pairs: the memcpy cases (contiguous, 2-D row-strided), the ATen slab
+    cases (casts, transposes, 3-D strided), tails that are not whole words, several blocks."""
+    x = _random(300 * 40, torch.float32, seed=21, device=device).view(300, 40)
+    big = _random((1 << 20) + 7, torch.float32, seed=22, device=device)  # 4 MiB + 28 B: many blocks, a tail
+    cases = {
+        "contiguous": (x, torch.float32),
+        "row slice (gate of gate_up)": (x[:150], torch.float32),
+        "row-strided 2-D": (x[::2], torch.float32),
+        "column slice 2-D": (x[:, 3:19], torch.float32),
+        "transposed": (x.t(), torch.float32),
+        "3-D block slice (q of fused qkv)": (x.view(3, 100, 40)[:, 10:50], torch.float32),
+        "cast to bf16": (x, torch.bfloat16),
+        "cast with odd rows (bf16, 7 columns)": (x[:, :7], torch.bfloat16),
+        "int8 odd length": (_random(1001, torch.int8, seed=2, device=device), torch.int8),
+        "0-d": (x[3, 3], torch.float32),
+        "1 element": (x.view(-1)[:1], torch.float64),
+        "empty": (x[:0], torch.float32),
+        "large with tail": (big, torch.float32),
+        "large cast": (big, torch.float16),
+    }
+    return cases
+
+
+@pytest.mark.parametrize("device", [_device_param(d) for d in DEVICES])
+def test_copy_checksum_equals_copy_then_checksum(device):
+    if device == "cpu":
+        assert _ext.has_kernel("copy_checksum", "cpu"), "build the extension (tools/install)"
+    for name, (src, dtype) in _copy_cases(device).items():
+        dst = torch.full(src.shape, 7, dtype=dtype, device=device)
+        want_dst = torch.empty(src.shape, dtype=dtype, device=device)
+        want = ops.copy_checksum_reference(want_dst, src)
+        got = ops.copy_checksum(dst, src)
+        assert got.dtype == torch.int64 and got.shape == (2,) and got.device == dst.device, name
+        assert torch.equal(dst, want_dst), name
+        assert torch.equal(got, want), name
+        assert torch.equal(got, ops.checksum(dst)), name  # what dst holds, not what src held
+        if device == "cpu" and dst.is_contiguous():
+            dst2 = torch.zeros_like(dst)
+            assert torch.equal(torch.ops.megarl.copy_checksum(dst2, src), want), name
+
+
+def test_copy_checksum_independent_of_thread_count():
+    src = _random(5 * CPU_TASK_WORDS + 3, torch.float64, seed=6)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            dst = torch.empty_like(src)
+            results.append(ops.copy_checksum(dst, src))
+            assert torch.equal(dst, src)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(r, results[0]) for r in results)
+    assert torch.equal(results[0], ops.checksum_reference(src))
+
+
+def test_copy_checksum_non_contiguous_dst_and_grad():
+    src = torch.randn(6, 8)
+    dst = torch.zeros(8, 6).t()  # not contiguous: copy, then checksum of its values
+    assert torch.equal(ops.copy_checksum(dst, src), ops.checksum_reference(src))
+    assert torch.equal(dst, src)
+    p = torch.nn.Parameter(torch.zeros(6, 8))
+    with pytest.raises(ValueError, match="torch.no_grad"):
+        ops.copy_checksum(p, src)
+    with torch.no_grad():
+        assert torch.equal(ops.copy_checksum(p, src), ops.checksum_reference(src))
+    assert torch.equal(p.detach(), src)
+
+
+def test_copy_checksum_errors_name_the_argument():
+    with pytest.raises(ValueError, match="src must be a torch.Tensor"):
+        ops.copy_checksum(torch.zeros(3), [1, 2, 3])
+    with pytest.raises(ValueError, match=r"src shape \(4,\) does not match dst shape \(3,\)"):
+        ops.copy_checksum(torch.zeros(3), torch.zeros(4))
+    with pytest.raises(ValueError, match="dense"):
+        ops.copy_checksum(torch.zeros(3, 3), torch.eye(3).to_sparse())
+    _require_kernel("cpu")
+    x = torch.zeros(16)
+    with pytest.raises(ValueError, match="share memory"):
+        torch.ops.megarl.copy_checksum(x, x)
+    with pytest.raises(ValueError, match="dst must be contiguous"):
+        torch.ops.megarl.copy_checksum(torch.zeros(4, 4).t(), torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="does not match dst shape"):
+        torch.ops.megarl.copy_checksum(torch.zeros(4), torch.zeros(5))
+
+
+def test_copy_checksum_opcheck():
+    _require_kernel("cpu")
+    torch.library.opcheck(torch.ops.megarl.copy_checksum.default, (torch.zeros(100), torch.randn(100)))
