@@ -53,9 +53,10 @@ def _tiny_config() -> dict:
                 tie_word_embeddings=False, max_position_embeddings=256, bos_token_id=0, eos_token_id=1)
 
 
-def random_hf_dir(config: dict, dtype, root: Path) -> Path:
+def random_hf_dir(config: dict, dtype, root: Path, tokenizer_dir: Path | None = None) -> Path:
     """An HF directory with a config, a tokenizer and NO weights: transformers initialises them
-    randomly on load, so a multi-GB model needs no multi-GB file (the sync overwrites them)."""
+    randomly on load, so a multi-GB model needs no multi-GB file (the sync overwrites them).
+    The tokenizer files come from tokenizer_dir (default: the packaged SmolLM2's)."""
     import json
 
     from safetensors.torch import save_file
@@ -66,7 +67,7 @@ def random_hf_dir(config: dict, dtype, root: Path) -> Path:
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(config | {"torch_dtype": str(dtype).removeprefix("torch.")}))
     save_file({}, str(path / "model.safetensors"), metadata={"format": "pt"})
-    tok = smollm2_hf_dir()  # any tokenizer: the engine needs one, the sync does not use it
+    tok = tokenizer_dir or smollm2_hf_dir()  # any tokenizer: the engine needs one, the sync does not use it
     for name in TOKENIZER_FILES:
         if (tok / name).exists():
             shutil.copy(tok / name, path / name)
@@ -160,7 +161,7 @@ def bench_model(name: str, args, device, dtype) -> list[dict]:
             engine_dir = trainer_dir = smollm2_hf_dir()
         else:
             config = _qwen_15b_config() if name == "qwen2.5-1.5b-random" else _tiny_config()
-            engine_dir, trainer_dir = random_hf_dir(config, dtype, tmp), None
+            engine_dir, trainer_dir = random_hf_dir(config, dtype, tmp, args.tokenizer_dir), None
         spec = arch_spec(engine_dir)
         need = 2 * spec_bytes(spec, dtype) + (1 << 30)
         if device.type == "cpu" and available_bytes() < need:
@@ -187,12 +188,13 @@ def bench_model(name: str, args, device, dtype) -> list[dict]:
         measure("sync (checksums)", WeightBridge(chunks, spec, layout, groups, BridgeConfig(**cfg)), engine)
         measure("sync, no checksum", WeightBridge(chunks, spec, layout, groups, BridgeConfig(**cfg | dict(checksum=False))),
                 engine)
-        if name != "qwen2.5-1.5b-random":  # a probe forward of 1.5B on CPU says nothing about the sync
+        big_on_cpu = name == "qwen2.5-1.5b-random" and device.type == "cpu"
+        if not big_on_cpu:  # a probe forward of 1.5B on CPU says nothing about the sync
             probe_atol = 1e-3 if dtype == torch.float32 else 0.1
             measure("sync + probe", WeightBridge(chunks, spec, layout, groups,
                                                  BridgeConfig(**cfg | dict(verify_every=1, probe_atol=probe_atol))),
                     engine)
-        if name != "qwen2.5-1.5b-random":
+        if not big_on_cpu:
             from megarl.rollout.megatron_engine import MegatronEngine
 
             del engine
@@ -214,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="the tiny model only, 1 repeat")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--tokenizer-dir", type=Path, default=None,
+                        help="tokenizer files for the random models' engine (default: the packaged SmolLM2's)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's); 1 takes thread wake-ups out of a loaded machine")
     args = parser.parse_args(argv)
