@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 
 namespace megarl {
 
@@ -88,14 +89,22 @@ inline void check_checksum_input(const at::Tensor& t, const char* op) {
   TORCH_CHECK_VALUE(t.layout() == at::kStrided, op, ": t must be a dense (strided) tensor, got layout ", t.layout());
 }
 
+// "[2, 3]": a shape for messages, built without ostream operators (a raw copy_checksum call with
+// mismatched shapes crashed the device image's torch 2.11 when the message streamed sizes()).
+inline std::string shape_str(const at::Tensor& t) {
+  std::string out = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + std::to_string(t.size(d));
+  return out + "]";
+}
+
 // copy_checksum: dst dense and contiguous (what it checksums is its memory), src dense, same
 // shape, one device.
 inline void check_copy_checksum_inputs(const at::Tensor& dst, const at::Tensor& src, const char* op) {
   TORCH_CHECK_VALUE(dst.layout() == at::kStrided && src.layout() == at::kStrided, op,
                     ": dst and src must be dense (strided) tensors, got layouts ", dst.layout(), " and ", src.layout());
   TORCH_CHECK_VALUE(dst.is_contiguous(), op, ": dst must be contiguous (its memory is what gets checksummed)");
-  TORCH_CHECK_VALUE(dst.sizes() == src.sizes(), op, ": src shape ", src.sizes(), " does not match dst shape ",
-                    dst.sizes());
+  TORCH_CHECK_VALUE(dst.sizes() == src.sizes(), op, ": src shape ", shape_str(src), " does not match dst shape ",
+                    shape_str(dst));
   TORCH_CHECK_VALUE(dst.device() == src.device(), op, ": dst (", dst.device(), ") and src (", src.device(),
                     ") must be on one device");
   TORCH_CHECK_VALUE(!dst.is_conj() && !dst.is_neg(), op, ": dst must not be a conjugate or negative view");
