@@ -33,6 +33,9 @@ Checksums compare bit patterns, so they need the engine to store exactly what wa
 mismatch, a tensor the engine did not load, or a probe beyond `probe_atol` raises
 `WeightSyncError` on every rank of the model-parallel group (they agree first, so no rank is
 left waiting in a collective), naming the tensors or the probe sequence and its max abs diff.
+The ranks also agree before the first bucket (same path, every engine checksummable: else a
+ValueError on all), after the stream (an engine that raised on one rank) and in the probe (an
+engine that raised there), since a failing rank would skip the collectives that follow.
 
 Optional engine methods the bridge uses when present (otherwise adapters for HFEngine-like
 engines with an HF `.model` and for MegatronEngine are used):
@@ -447,8 +450,15 @@ class WeightBridge:
         Raises WeightSyncError (on every rank of the model-parallel group) if a check fails."""
         t0 = time.perf_counter()
         path = self._path(engine)
+        setup: list[tuple[str, str]] = []
         if self.config.checksum and engine is not None and path == "gather":
-            self._check_readable(engine)
+            try:
+                self._check_readable(engine)
+            except ValueError as e:
+                setup.append(("config", str(e)))
+        # Every rank of the model-parallel group must take the same path and be able to finish
+        # it, or the collectives below pair up wrongly and hang: agree before the first one.
+        self._raise_agreed(setup, [], exc_type=ValueError, path=path)
         self.num_syncs += 1
         report = SyncReport(version=self.trainer_version, path=path)
         errors: list[tuple[str, str]] = []  # (kind, message)
@@ -457,7 +467,10 @@ class WeightBridge:
             fast = report.path == "fast"
             with _plain_torch():
                 expected, written = self._send(engine, fast, report, errors)
-                if self.config.checksum and engine is not None and not errors:
+                # a rank whose engine failed skips the read-back, which can be collective (a
+                # MegatronEngine in another layout): every rank raises here instead
+                self._raise_agreed(errors, bad)
+                if self.config.checksum and engine is not None:
                     t1 = time.perf_counter()
                     if fast and written is not None and not self.config.checksum_readback:
                         got = written  # computed by the copy itself (copy_checksum)
@@ -746,20 +759,28 @@ class WeightBridge:
             errors.append(("checksum", f"... and {len(wrong) - 5} more tensors with a checksum mismatch"))
         bad.extend(wrong)
 
-    def _raise_agreed(self, errors: list[tuple[str, str]], bad: list[str], max_abs_diff: float | None = None) -> None:
-        """Raise the same WeightSyncError on every rank of the model-parallel group if any rank
-        found a problem."""
+    def _raise_agreed(self, errors: list[tuple[str, str]], bad: list[str], max_abs_diff: float | None = None,
+                      exc_type: type = WeightSyncError, path: str | None = None) -> None:
+        """Raise the same error (a WeightSyncError, or exc_type) on every rank of the
+        model-parallel group if any rank found a problem. With `path`, also if the ranks did
+        not all choose that sync path."""
         where = f"rank {dist.get_rank()} (tp {self.tp_rank}, pp {self.pp_rank})" if dist.is_initialized() else "rank 0"
         mine = [(kind, f"{where}: {msg}") for kind, msg in errors]
         everyone = mine
         diffs = [max_abs_diff] if max_abs_diff is not None else []
+        codes = {"gather": 1, "fast": 2, "shared": 3}
         if self.groups is not None and self.groups.world_size > 1:
             for group, size in ((self.groups.tp_group, self.layout.tp), (self.groups.pp_group, self.layout.pp)):
                 if size == 1:
                     continue
-                flag = torch.tensor([1 if everyone else 0], dtype=torch.int32, device=self._comm_device())
+                code = codes[path] if path is not None else 0
+                flag = torch.tensor([1 if everyone else 0, code, -code], dtype=torch.int32, device=self._comm_device())
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-                if int(flag) == 0:
+                if int(flag[1]) != -int(flag[2]) and not everyone:
+                    everyone = [("config", f"{where}: the ranks chose different sync paths (this one: {path}): give "
+                                           "every rank of a model-parallel group the same kind of engine (None "
+                                           "only with the gather path), or set BridgeConfig.fast_path=false")]
+                if int(flag[0]) == 0 and int(flag[1]) == -int(flag[2]):
                     continue
                 gathered: list[Any] = [None] * size
                 dist.all_gather_object(gathered, (everyone, bad, diffs), group=group)
@@ -770,6 +791,8 @@ class WeightBridge:
             return
         kind = everyone[0][0]
         message = "weight sync failed:\n  " + "\n  ".join(m for _, m in everyone[:20])
+        if exc_type is not WeightSyncError:
+            raise exc_type(message)
         raise WeightSyncError(message, kind=kind, tensors=bad, max_abs_diff=max(diffs) if diffs else None)
 
     def _comm_device(self) -> torch.device:
@@ -788,12 +811,17 @@ class WeightBridge:
         for i, s in enumerate(probe.sequences):
             if max(s) >= self.spec.vocab_size:
                 raise ValueError(f"probe sequence {i} has token id {max(s)} >= vocab_size {self.spec.vocab_size}")
-        kind, engine_lp, sequences = self._engine_probe(engine, probe)
+        try:
+            kind, engine_lp, sequences = self._engine_probe(engine, probe)
+            failure = []
+        except Exception as e:  # noqa: BLE001 - agreed on below, so no rank is left in a collective
+            kind, engine_lp, sequences = None, None, [list(s) for s in probe.sequences]
+            failure = [("engine", f"{type(engine).__name__} failed in the probe: {type(e).__name__}: {e}")]
         # the generate fallback makes different sequences on different ranks only if the engine
         # is inconsistent; the trainer forward below needs the same batch on every rank
         sequences = self._agree_sequences(sequences)
         trainer_lp = self.trainer_logprobs(sequences)
-        errors, worst = [], None
+        errors, worst = failure, None
         if engine_lp is not None:
             worst, worst_at, failed = 0.0, None, 0
             for i, (e, t, s) in enumerate(zip(engine_lp, trainer_lp, sequences)):

@@ -190,8 +190,42 @@ def run_model(name: str, model_dir: Path, engine, layout, groups, records: list,
         rec["megatron_generate_probe"] = dict(probe=kind, max_abs_diff=diff)
         kind, diff = gen.verify(engine)
         rec["hf_generate_probe"] = dict(probe=kind, max_abs_diff=diff)
+    # 6. an engine that fails on ONE rank of the model-parallel group (dp replica 0, tp 0, pp 0):
+    # every rank of that group raises the same error, none hangs in a collective
+    if name == "qwen2" and layout.tp * layout.pp > 1:
+        culprit = groups.dp_rank == 0 and groups.tp_rank == 0 and groups.pp_rank == 0
+        rec["culprit"] = culprit
+        # into a MegatronEngine by the gather path: its read-back is collective over its groups
+        rec["fails_loading"] = error_record(lambda: gathered.sync(FailsOn(meng, culprit, "update_weights")))
+        rec["fails_probe"] = error_record(lambda: bridge.sync(FailsOn(engine, culprit, "prompt_logprobs")))
+        # an engine the bridge cannot checksum on one rank only: a ValueError on all, before any bucket
+        rec["unreadable_here"] = error_record(
+            lambda: bridge.sync(FailsOn(engine, False, None) if not culprit else type("Opaque", (), {
+                "update_weights": lambda self, b: [*b]})()))
+        # different sync paths in one group (fast into a MegatronEngine copy here, gather elsewhere)
+        rec["mixed_paths"] = error_record(lambda: bridge.sync(meng if culprit else engine))
+        report = bridge.sync(engine)  # and the bridge still works afterwards
+        rec["after_failures"] = dict(probe_max_abs_diff=report.probe_max_abs_diff,
+                                     checksums_verified=report.checksums_verified)
     rec["seconds"] = round(time.perf_counter() - t0, 2)
     records.append(rec)
+
+
+class FailsOn:
+    """Wraps an engine; on the culprit rank its `method` raises (update_weights after taking one
+    bucket). Everything else is the inner engine's, so the bridge treats it as that engine."""
+
+    def __init__(self, inner, culprit: bool, method: str | None):
+        self.inner, self.culprit, self.method = inner, culprit, method
+
+    def __getattr__(self, name):
+        if self.culprit and name == self.method:
+            def fail(arg):
+                if name == "update_weights":
+                    next(iter(arg))
+                raise RuntimeError(f"injected failure in {name}")
+            return fail
+        return getattr(self.inner, name)
 
 
 # ---- single-process checks (TP1 PP1), run inside the launch ---------------------------------------

@@ -209,3 +209,29 @@ def test_distributed_megatron_engine_paths(distributed, layout):
         assert gathered["checksums_verified"] == gathered["tensors"] == 51, (where, gathered)
         for key in ("megatron_generate_probe", "hf_generate_probe"):
             assert r[key]["probe"] == "generate" and r[key]["max_abs_diff"] <= ATOL, (where, key, r[key])
+
+
+@pytest.mark.parametrize("layout", [lay for lay in LAYOUTS if lay != "tp1pp1"])
+def test_distributed_failure_on_one_rank_raises_on_its_whole_group(distributed, layout):
+    """An engine failing on ONE rank (dp 0, tp 0, pp 0) while loading, in the probe, unreadable,
+    or on another sync path: every rank of that model-parallel group raises the same error (the
+    launch would hang otherwise: the ranks agree before each collective phase), the other
+    data-parallel replica syncs, and the bridge works afterwards."""
+    recs = [r for r in _records(distributed, "qwen2") if r["layout"] == layout]
+    assert sum(r["culprit"] for r in recs) == 1
+    for r in recs:
+        where = f"{layout} rank {r['rank']}"
+        if r["dp_rank"] != 0:
+            for key in ("fails_loading", "fails_probe", "unreadable_here", "mixed_paths"):
+                assert r[key] is None, (where, key, r[key])
+        else:
+            assert_error(r["fails_loading"], r"rank \d \(tp 0, pp 0\): FailsOn failed while loading bucket 1: "
+                                             "RuntimeError: injected failure in update_weights", kind="engine")
+            assert_error(r["fails_probe"], r"rank \d \(tp 0, pp 0\): FailsOn failed in the probe: RuntimeError: "
+                                           "injected failure in prompt_logprobs", kind="engine")
+            assert_error(r["unreadable_here"], r"rank \d \(tp 0, pp 0\): Opaque cannot be checksummed",
+                         type_name="ValueError")
+            assert_error(r["mixed_paths"], r"the ranks chose different sync paths \(this one: fast\)",
+                         type_name="ValueError")
+        assert r["after_failures"]["probe_max_abs_diff"] <= ATOL, where
+        assert r["after_failures"]["checksums_verified"] == 51, where
