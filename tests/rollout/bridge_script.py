@@ -308,6 +308,18 @@ class LoadsHalf:
             return
 
 
+class SkipsOne(LoadsHalf):
+    """A broken engine: loads every bucket but never reads one tensor of it."""
+
+    SKIPPED = "model.layers.1.mlp.up_proj.weight"
+
+    def update_weights(self, buckets):
+        self.inner.update_weights({n: t for n, t in b.items() if n != self.SKIPPED} for b in buckets)
+
+    def loaded_checksums(self, names):
+        return self.inner.loaded_checksums(names)
+
+
 class Raises(LoadsHalf):
     def update_weights(self, buckets):
         next(iter(buckets))
@@ -322,6 +334,7 @@ def check_broken_engines(model_dir, layout, groups) -> dict:
     bridge = WeightBridge(chunks, spec, layout, groups, BridgeConfig(bucket_mb=0.03))
     out = dict(loads_half=error_record(lambda: bridge.sync(LoadsHalf(inner))),
                raises=error_record(lambda: bridge.sync(Raises(inner))))
+    out["skips_one"] = error_record(lambda: bridge.sync(SkipsOne(inner)))
     out["stale_after_failures"] = bridge.is_stale()  # a failed sync delivers no version
     out["opaque"] = error_record(lambda: bridge.sync(type("Opaque", (), {"update_weights": lambda self, b: [*b]})()))
     return out

@@ -119,6 +119,9 @@ def test_broken_engines_are_reported(distributed):
     r = single(distributed, "broken_engines")
     assert_error(r["loads_half"], "stopped reading after 1 of", kind="stream")
     assert_error(r["raises"], "out of memory while loading", kind="engine")
+    # never read by the engine: its sending checksum is still taken, the engine has none for it
+    assert_error(r["skips_one"], r"engine does not hold 1 tensor\(s\): model.layers.1.mlp.up_proj.weight", kind="missing")
+    assert r["skips_one"]["tensors"] == ["model.layers.1.mlp.up_proj.weight"]
     assert r["stale_after_failures"]  # a failed sync delivers no version
     assert_error(r["opaque"], "weight_checksums", type_name="ValueError")
 
