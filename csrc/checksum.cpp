@@ -92,37 +92,45 @@ Sums checksum_range(const unsigned char* p, int64_t begin, int64_t end) {
   return out;
 }
 
-at::Tensor checksum_cpu(const at::Tensor& t_in) {
-  check_checksum_input(t_in, "megarl::checksum");
-  const at::Tensor t = t_in.resolve_conj().resolve_neg().contiguous();
-  const int64_t nbytes = static_cast<int64_t>(t.nbytes());
-  const int64_t whole = nbytes / 8;
-  const int64_t tail = nbytes % 8;
-  const auto* p = static_cast<const unsigned char*>(t.const_data_ptr());
+Sums add_parts(const std::vector<Sums>& parts) {
   Sums total;
-  if (whole > 0) {
-    const int64_t num_tasks = (whole + kWordsPerTask - 1) / kWordsPerTask;
-    std::vector<Sums> parts(num_tasks);
-    at::parallel_for(0, num_tasks, 1, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k)
-        parts[k] = checksum_range(p, k * kWordsPerTask, std::min(whole, (k + 1) * kWordsPerTask));
-    });
-    for (const Sums& x : parts) {
-      total.sum += x.sum;
-      total.weighted += x.weighted;
-    }
+  for (const Sums& x : parts) {
+    total.sum += x.sum;
+    total.weighted += x.weighted;
   }
-  if (tail > 0) {  // the last word, zero-padded (little-endian: the bytes are its low bytes)
+  return total;
+}
+
+// Adds the last word of p's nbytes when it is partial (zero-padded; little-endian: the bytes are
+// its low bytes) to the sums of the whole words, and returns them as int64 [2] (sum, weighted).
+at::Tensor finish_sums(Sums total, const unsigned char* p, int64_t nbytes, const at::TensorOptions& options) {
+  const int64_t whole = nbytes / 8, tail = nbytes % 8;
+  if (tail > 0) {
     uint64_t w = 0;
     std::memcpy(&w, p + whole * 8, static_cast<size_t>(tail));
     total.sum += w;
     total.weighted += static_cast<uint64_t>(whole + 1) * swap_halves(w);
   }
-  at::Tensor out = at::empty({2}, t_in.options().dtype(at::kLong));
+  at::Tensor out = at::empty({2}, options.dtype(at::kLong));
   int64_t* o = out.mutable_data_ptr<int64_t>();
   o[0] = static_cast<int64_t>(total.sum);  // two's complement (defined in C++20)
   o[1] = static_cast<int64_t>(total.weighted);
   return out;
+}
+
+at::Tensor checksum_cpu(const at::Tensor& t_in) {
+  check_checksum_input(t_in, "megarl::checksum");
+  const at::Tensor t = t_in.resolve_conj().resolve_neg().contiguous();
+  const int64_t nbytes = static_cast<int64_t>(t.nbytes());
+  const int64_t whole = nbytes / 8;
+  const auto* p = static_cast<const unsigned char*>(t.const_data_ptr());
+  const int64_t num_tasks = (whole + kWordsPerTask - 1) / kWordsPerTask;
+  std::vector<Sums> parts(num_tasks);
+  at::parallel_for(0, num_tasks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k)
+      parts[k] = checksum_range(p, k * kWordsPerTask, std::min(whole, (k + 1) * kWordsPerTask));
+  });
+  return finish_sums(add_parts(parts), p, nbytes, t_in.options());
 }
 
 // ---- copy_checksum: dst.copy_(src), then checksum(dst), in one pass over memory ----------------
@@ -157,7 +165,6 @@ at::Tensor copy_checksum_cpu(at::Tensor& dst, const at::Tensor& src) {
   TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
                     "megarl::copy_checksum: src and dst share memory");
   const int64_t nbytes = static_cast<int64_t>(dst.nbytes());
-  const int64_t whole = nbytes / 8, tail = nbytes % 8;
   auto* d = static_cast<unsigned char*>(dst.data_ptr());
   const bool same = src.scalar_type() == dst.scalar_type() && !src.is_conj() && !src.is_neg();
   int64_t row_bytes = 0, row_stride = 0;  // 0: not a memcpy case
@@ -167,11 +174,11 @@ at::Tensor copy_checksum_cpu(at::Tensor& dst, const at::Tensor& src) {
     row_bytes = src.size(1) * src.element_size();
     row_stride = src.stride(0) * src.element_size();
   }
-  Sums total;
+  std::vector<Sums> parts;
   if (nbytes > 0 && row_bytes > 0) {
     const auto* s = static_cast<const unsigned char*>(src.const_data_ptr());
     const int64_t blocks = (nbytes + kCopyBlockBytes - 1) / kCopyBlockBytes;
-    std::vector<Sums> parts(blocks);
+    parts.resize(blocks);
     at::parallel_for(0, blocks, kCopyBlocksPerTask, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t b0 = k * kCopyBlockBytes, b1 = std::min(nbytes, b0 + kCopyBlockBytes);
@@ -179,10 +186,6 @@ at::Tensor copy_checksum_cpu(at::Tensor& dst, const at::Tensor& src) {
         parts[k] = checksum_range(d, b0 / 8, b1 / 8);  // whole words; the tail word is added below
       }
     });
-    for (const Sums& x : parts) {
-      total.sum += x.sum;
-      total.weighted += x.weighted;
-    }
   } else if (nbytes > 0) {
     // ATen copy_ (casts, any strides) per slab of dim-0 rows whose bytes are whole words
     const at::Tensor d2 = dst.dim() == 0 ? dst.view({1}) : dst;
@@ -192,30 +195,16 @@ at::Tensor copy_checksum_cpu(at::Tensor& dst, const at::Tensor& src) {
     const int64_t unit = 8 / std::gcd(rb, int64_t{8});  // rows per whole number of words
     step = (step + unit - 1) / unit * unit;
     const int64_t slabs = (rows + step - 1) / step;
-    std::vector<Sums> parts(slabs);
-    at::parallel_for(0, slabs, std::max<int64_t>(1, (int64_t{4} << 20) / (step * rb)), [&](int64_t k0, int64_t k1) {
+    parts.resize(slabs);
+    at::parallel_for(0, slabs, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t r0 = k * step, n = std::min(rows, r0 + step) - r0;
         d2.narrow(0, r0, n).copy_(s2.narrow(0, r0, n));
         parts[k] = checksum_range(d, r0 * rb / 8, (r0 + n) * rb / 8);
       }
     });
-    for (const Sums& x : parts) {
-      total.sum += x.sum;
-      total.weighted += x.weighted;
-    }
   }
-  if (tail > 0) {  // the last word, zero-padded, as checksum_cpu
-    uint64_t w = 0;
-    std::memcpy(&w, d + whole * 8, static_cast<size_t>(tail));
-    total.sum += w;
-    total.weighted += static_cast<uint64_t>(whole + 1) * swap_halves(w);
-  }
-  at::Tensor out = at::empty({2}, dst.options().dtype(at::kLong));
-  int64_t* o = out.mutable_data_ptr<int64_t>();
-  o[0] = static_cast<int64_t>(total.sum);
-  o[1] = static_cast<int64_t>(total.weighted);
-  return out;
+  return finish_sums(add_parts(parts), d, nbytes, dst.options());
 }
 
 }  // namespace
