@@ -53,14 +53,6 @@ def time_ms(fn: Callable[[], Any], device: torch.device, warmup: int = 2, repeat
     return statistics.median(times)
 
 
-def _proc_kb(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field_name} not in /proc/self/status")
-
-
 def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     """Peak memory fn() allocates beyond what was live before it (outputs included)."""
     import gc
@@ -76,13 +68,14 @@ def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int:
         peak = torch.cuda.max_memory_allocated(device) - base
         del out
         return peak
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current VmRSS
-    base = _proc_kb("VmRSS")
+    from megarl.procmem import reset_peak, status_bytes
+
+    reset_peak()  # VmHWM := the current VmRSS
+    base = status_bytes("VmRSS")
     out = fn()
-    peak = _proc_kb("VmHWM") - base
+    peak = status_bytes("VmHWM") - base
     del out
-    return max(peak, 0) * 1024
+    return max(peak, 0)
 
 
 @dataclass

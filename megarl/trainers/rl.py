@@ -164,13 +164,13 @@ def forward_logprobs(chunks, mbs: list[dict], temperature: float, groups, shape:
 
 def _peak_rss_gb() -> float:
     """Sum over all ranks of each process's peak resident set (VmHWM), in GB."""
-    kb = 0
+    from megarl.procmem import status_bytes
+
     try:
-        with open("/proc/self/status") as f:
-            kb = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
-    except OSError:
-        pass
-    t = torch.tensor([kb / 1e6], dtype=torch.float64)
+        peak = status_bytes("VmHWM")
+    except (OSError, RuntimeError):  # not Linux
+        peak = 0
+    t = torch.tensor([peak / 1.024e9], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t[0])
 

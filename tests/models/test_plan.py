@@ -342,14 +342,6 @@ def test_estimate_matches_measured_memory_gpu():
 # ---------------------------------------------------------------------------------------------
 
 
-def _proc_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _measure_case(case: dict, device: str) -> dict:
     import functools
     import gc
@@ -362,6 +354,7 @@ def _measure_case(case: dict, device: str) -> dict:
     from megarl.models.hf_config import arch_spec
     from megarl.ops import logprob_entropy
     from megarl.parallel.groups import ParallelLayout, init_parallel, single_process_world
+    from megarl.procmem import reset_peak, status_bytes
 
     # What TE's FusedAdam is on GPU: an in-place step (megatron's torch fallback makes per-tensor
     # temporaries that a GPU run would not have).
@@ -441,9 +434,8 @@ def _measure_case(case: dict, device: str) -> dict:
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # VmHWM := VmRSS
-            base = _proc_bytes("VmRSS")
+            reset_peak()  # VmHWM := VmRSS
+            base = status_bytes("VmRSS")
         model, opt = wrap(build(cfg))
         for _ in range(2):  # the second step runs with the optimizer state allocated
             step(model, opt, ids, pos)
@@ -451,7 +443,7 @@ def _measure_case(case: dict, device: str) -> dict:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - base
         else:
-            peak = _proc_bytes("VmHWM") - base
+            peak = status_bytes("VmHWM") - base
         return {"peak": peak, "params": sum(p.numel() for p in model.parameters())}
 
 
