@@ -62,7 +62,7 @@ from megarl.models.mappings import (
     find_hf,
     find_mcore,
     hf_names,
-    hf_shape,
+    hf_tensor_problem,
     hf_to_mcore,
     mapping_table,
     mcore_local_shape,
@@ -186,17 +186,9 @@ class HFSource:
         for name, (f, shape, _) in self.entries.items():
             if _ignored(spec, head, name):
                 continue
-            found = find_hf(spec, name, head)
-            if not found:
-                errors.append(f"unexpected tensor {name!r} (in {f})")
-                continue
-            layer = found[0][2]
-            if layer is not None and layer >= spec.num_layers:
-                errors.append(f"unexpected tensor {name!r}: layer {layer} >= num_hidden_layers {spec.num_layers}")
-                continue
-            expected = hf_shape(spec, name, head)
-            if shape != expected:
-                errors.append(f"tensor {name!r} has shape {shape}, expected {expected}")
+            problem = hf_tensor_problem(spec, name, shape, head)
+            if problem is not None:
+                errors.append(f"{problem} (in {f})")
         errors += [f"missing tensor {n!r}" for n in hf_names(spec, head) if n not in self.entries]
         if errors:
             shown = "\n  ".join(errors[:20])

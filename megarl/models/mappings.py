@@ -30,7 +30,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -183,7 +183,7 @@ def hf_shape(spec: ArchSpec, hf_name: str, head: str = "lm") -> tuple[int, ...]:
     if not found:
         raise ValueError(f"{spec.hf_architecture}: unexpected HF tensor {hf_name!r}")
     m, i, _ = found[0]
-    h, d = spec.hidden_size, spec.head_dim
+    h = spec.hidden_size
     base = hf_name.rsplit(".", 1)[-1]  # weight | bias
     if m.kind == "vocab":
         return (spec.vocab_size, h)
@@ -494,6 +494,22 @@ def _chunk_info(chunk) -> tuple[int, int, int, int]:
     return pgs.tp.rank(), pgs.tp.size(), pgs.pp.rank(), vp
 
 
+def hf_tensor_problem(spec: ArchSpec, hf_name: str, shape: Sequence[int], head: str = "lm") -> str | None:
+    """What is wrong with an HF tensor of this name and shape for the architecture, or None:
+    a name no table maps ("unexpected tensor ..."), a layer beyond num_hidden_layers, or a shape
+    other than hf_shape. (Ignored names and head tensors are the callers' business.)"""
+    found = find_hf(spec, hf_name, head)
+    if not found:
+        return f"unexpected tensor {hf_name!r}"
+    layer = found[0][2]
+    if layer is not None and layer >= spec.num_layers:
+        return f"unexpected tensor {hf_name!r}: layer {layer} >= num_hidden_layers {spec.num_layers}"
+    expected = hf_shape(spec, hf_name, head)
+    if tuple(shape) != expected:
+        return f"tensor {hf_name!r} has shape {tuple(shape)}, expected {expected}"
+    return None
+
+
 def load_hf_state_into(
     model_chunks: list,
     spec: ArchSpec,
@@ -564,18 +580,11 @@ def load_hf_state_into(
             errors.append(f"head tensor {hf_name!r} does not belong to a {head!r} model "
                           "(use head_from_checkpoint=False to start a new head)")
             continue
+        problem = hf_tensor_problem(spec, hf_name, tensor.shape, head)
+        if problem is not None:
+            errors.append(problem)
+            continue
         found = find_hf(spec, hf_name, head)
-        if not found:
-            errors.append(f"unexpected tensor {hf_name!r}")
-            continue
-        layer = found[0][2]
-        if layer is not None and layer >= spec.num_layers:
-            errors.append(f"tensor {hf_name!r}: layer {layer} >= num_hidden_layers {spec.num_layers}")
-            continue
-        expected = hf_shape(spec, hf_name, head)
-        if tuple(tensor.shape) != expected:
-            errors.append(f"tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected {expected}")
-            continue
         if not any(owner(_fmt(m.mcore, lay)) for m, _, lay in found):
             counts["skipped"] += 1
             continue

@@ -15,8 +15,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -344,22 +342,11 @@ def test_parse_size():
 
 
 def _run(cmd: list[str], timeout: float = TIMEOUT_S, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    """A child in its own process group, killed whole on timeout."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env_extra or {}))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            start_new_session=True, env=env)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{cmd[:4]} timed out after {timeout}s:\n{out[-3000:]}\n{err[-3000:]}")
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    """A child in its own process group, killed whole on timeout; the caller checks its exit."""
+    from childproc import run_child  # here: this file also runs as a torchrun script, where tests/ is not on the path
+
+    env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env_extra or {})}
+    return run_child(cmd, what=str(cmd[:4]), timeout=timeout, env=env, merge_stderr=False, check=False)
 
 
 def _smollm2_dir() -> Path | None:

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from childproc import run_child
 
 from megarl.models.packaged import cache_root
 
@@ -37,21 +35,7 @@ def run_launch(out: Path, extra: list[str]) -> None:
     leave the others, or multiprocessing helpers, behind)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
            str(SCRIPT), str(out), *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env=env)
-    try:
-        log, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"parity launch timed out after {TIMEOUT_S}s:\n{log[-6000:]}")
-    if proc.returncode != 0:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        pytest.fail(f"parity launch failed (exit {proc.returncode}):\n{log[-6000:]}")
+    run_child(cmd, what="parity launch", timeout=TIMEOUT_S, env={"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
 
 
 @pytest.fixture(scope="module")

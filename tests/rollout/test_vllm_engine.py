@@ -73,14 +73,12 @@ def vllm_run(tmp_path_factory) -> dict:
     here calls init_parallel in the pytest process)."""
     import json
     import os
-    import subprocess
+
+    from childproc import run_child
 
     out = tmp_path_factory.mktemp("vllm") / "result.json"
-    cmd = [sys.executable, str(Path(__file__).parent / "vllm_script.py"), str(out)]
-    proc = subprocess.run(cmd, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
-    if proc.returncode != 0:
-        pytest.fail(f"vllm_script.py failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-8000:]}")
+    run_child([sys.executable, str(Path(__file__).parent / "vllm_script.py"), str(out)], what="vllm_script.py",
+              timeout=900, env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
     return json.loads(out.read_text())
 
 
