@@ -595,12 +595,16 @@ class WeightBridge:
                         source = ((e.mcore, self._params[e.mcore].detach()) for e in bucket.entries)
                     else:
                         source = self._hf_tensors(bucket, report)
-                    for name, tensor in source:
-                        views[name].copy_(tensor)
-                    if use_checksum:
-                        t = time.perf_counter()
-                        sums_t.copy_(torch.stack([checksum(v) for v in views.values()]))
-                        report.checksum_s += time.perf_counter() - t
+                    if use_checksum:  # packed and checksummed in one pass (copy_checksum)
+                        words = {}
+                        for name, tensor in source:
+                            t = time.perf_counter()
+                            words[name] = copy_checksum(views[name], tensor)
+                            report.checksum_s += time.perf_counter() - t
+                        sums_t.copy_(torch.stack([words[name] for name in views]))
+                    else:
+                        for name, tensor in source:
+                            views[name].copy_(tensor)
                 t = time.perf_counter()
                 dist.broadcast(buf, src=self.groups.pp_ranks[bucket.owner], group=self.groups.pp_group)
                 report.broadcast_s += time.perf_counter() - t
