@@ -96,6 +96,16 @@ __global__ void checksum_kernel(const unsigned char* __restrict__ p, int64_t nby
   }
 }
 
+// Blocks for nbytes on the device: enough to fill it a few times over; a small tensor gets what
+// it needs.
+unsigned grid_blocks(int64_t nbytes, int device) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t words = (nbytes + 7) / 8;
+  const int64_t wanted = (words + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(wanted < 4 * sms ? wanted : 4 * sms);
+}
+
 at::Tensor checksum_cuda(const at::Tensor& t_in) {
   check_checksum_input(t_in, "megarl::checksum");
   const c10::cuda::CUDAGuard guard(t_in.device());
@@ -104,12 +114,7 @@ at::Tensor checksum_cuda(const at::Tensor& t_in) {
   const int64_t nbytes = static_cast<int64_t>(t.nbytes());
   if (nbytes == 0) return out;
   const auto* p = static_cast<const unsigned char*>(t.const_data_ptr());
-  int device = t.get_device(), sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t words = (nbytes + 7) / 8;
-  // enough blocks to fill the device a few times over; a small tensor gets what it needs
-  const int64_t wanted = (words + kThreads - 1) / kThreads;
-  const unsigned blocks = static_cast<unsigned>(wanted < 4 * sms ? wanted : 4 * sms);
+  const unsigned blocks = grid_blocks(nbytes, t.get_device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto* o = reinterpret_cast<unsigned long long*>(out.mutable_data_ptr<int64_t>());
   if (reinterpret_cast<uintptr_t>(p) % 16 == 0) {
@@ -140,11 +145,7 @@ at::Tensor copy_checksum_cuda(at::Tensor& dst, const at::Tensor& src) {
   auto* dp = static_cast<unsigned char*>(dst.data_ptr());
   TORCH_CHECK_VALUE(sp + nbytes <= dp || dp + nbytes <= sp, "megarl::copy_checksum: src and dst share memory");
   at::Tensor out = at::zeros({2}, dst.options().dtype(at::kLong));
-  int device = dst.get_device(), sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t words = (nbytes + 7) / 8;
-  const int64_t wanted = (words + kThreads - 1) / kThreads;
-  const unsigned blocks = static_cast<unsigned>(wanted < 4 * sms ? wanted : 4 * sms);
+  const unsigned blocks = grid_blocks(nbytes, dst.get_device());
   auto* o = reinterpret_cast<unsigned long long*>(out.mutable_data_ptr<int64_t>());
   checksum_kernel<true, true><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(sp, nbytes, o, dp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
