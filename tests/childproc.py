@@ -3,6 +3,7 @@
 torchrun launches; vLLM). On pytest's path through `pythonpath = ["tests"]` (pyproject.toml):
 
     from childproc import run_child
+    from childproc import check_record
 """
 
 from __future__ import annotations
@@ -54,3 +55,13 @@ def run_child(cmd: list[str], *, what: str, timeout: float, env: dict[str, str] 
     if check and proc.returncode != 0:
         pytest.fail(f"{what} failed (exit {proc.returncode}):\n{out[-8000:]}\n{(err or '')[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def check_record(records: dict, name: str, script: str) -> dict:
+    """The record of one check a child script ran (records["single"][name]); the test fails
+    with the child's traceback if the check crashed there, or says which checks did run."""
+    result = records["single"].get(name)
+    assert result is not None, f"check {name!r} did not run (ranks ran {sorted(records['single'])})"
+    if "crashed" in result:
+        pytest.fail(f"check {name!r} raised in {script}:\n{result['crashed']}")
+    return result

@@ -14,6 +14,7 @@ import json
 import re
 
 import pytest
+from childproc import check_record
 import torch
 
 from megarl.rollout.bridge import (
@@ -80,11 +81,7 @@ def test_probe_batch_checks_and_default():
 
 def single(distributed, name: str) -> dict:
     """The result of one single-process check; its traceback if it crashed in the child."""
-    result = distributed["single"].get(name)
-    assert result is not None, f"check {name!r} did not run (ranks ran {sorted(distributed['single'])})"
-    if "crashed" in result:
-        pytest.fail(f"check {name!r} raised in bridge_script.py:\n{result['crashed']}")
-    return result
+    return check_record(distributed, name, "bridge_script.py")
 
 
 def assert_error(err, pattern: str, kind: str | None = None, type_name: str = "WeightSyncError") -> None:

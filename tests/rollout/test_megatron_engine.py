@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from childproc import check_record
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -165,11 +166,7 @@ def distributed(rollout_launch):
 
 def single(distributed, name: str) -> dict:
     """The result of one single-process check; its traceback if it crashed in the child."""
-    result = distributed["single"].get(name)
-    assert result is not None, f"check {name!r} did not run (ranks ran {sorted(distributed['single'])})"
-    if "crashed" in result:
-        pytest.fail(f"check {name!r} raised in megatron_engine_script.py:\n{result['crashed']}")
-    return result
+    return check_record(distributed, name, "megatron_engine_script.py")
 
 
 def assert_error(err, pattern: str, kind: str = "ValueError") -> None:
